@@ -44,7 +44,7 @@ class ChatApp(App):
     def __init__(self, *, backend=None, connect: Optional[Callable] = None, store: SessionStore | None = None,
                  workspace: str | Path = ".", mcp_servers: dict | None = None, resume: str | None = None,
                  temperature: float = 0.6, system: str | None = None, max_tokens: int | None = None,
-                 auto_approve: bool = False, max_tool_steps: int = 8, model_label: str | None = None,
+                 auto_approve: bool = False, ask_all: bool = False, max_tool_steps: int = 8, model_label: str | None = None,
                  cluster_poll_s: float = 5.0):
         super().__init__()
         self.backend = backend
@@ -52,7 +52,7 @@ class ChatApp(App):
         self.store = store or SessionStore()
         self.workspace = Workspace(workspace)
         self.registry = ToolRegistry(builtin_tools(self.workspace))
-        self.policy = ApprovalPolicy(auto_approve)
+        self.policy = ApprovalPolicy(auto_approve, ask_all)
         self.mcp_servers = mcp_servers or {}
         self.mcp = None
         self.resume_id = resume
@@ -422,7 +422,7 @@ class ChatApp(App):
             except ValueError as e:
                 problem = ToolResult("error", str(e))
         card = ToolCard(call, source=tool.source if tool else "built-in",
-                        needs_approval=bool(tool and tool.needs_approval), preview=preview)
+                        needs_approval=bool(tool and (tool.needs_approval or self.policy.ask_all)), preview=preview)
         await self.conversation.mount(card)
         self.conversation.scroll_end(animate=False)
         if problem is not None:

@@ -31,8 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MCP servers file (default ~/.config/k2mlx/mcp.json: {\"mcpServers\": {...}})")
     parser.add_argument("--sessions-db", metavar="FILE", help="SQLite file for sessions "
                         "(default ~/.local/share/k2mlx/sessions.db, env K2MLX_SESSIONS_DB)")
-    parser.add_argument("--yes", action="store_true",
-                        help="run tools that write or execute without asking (use with care)")
+    approve = parser.add_mutually_exclusive_group()
+    approve.add_argument("--yes", action="store_true",
+                         help="run tools that write or execute without asking (use with care)")
+    approve.add_argument("--ask-all", action="store_true",
+                         help="ask before every tool call, read-only ones (read_file, list_dir, ...) too")
 
 
 def run(args) -> int:
@@ -73,7 +76,7 @@ def run(args) -> int:
     store = SessionStore(args.sessions_db)
     app = ChatApp(backend=backend, connect=connect, store=store, workspace=workspace, mcp_servers=mcp_servers,
                   resume=args.resume, temperature=args.temp, system=args.system, max_tokens=args.max_tokens,
-                  auto_approve=args.yes)
+                  auto_approve=args.yes, ask_all=args.ask_all)
     try:
         app.run()
     finally:

@@ -12,11 +12,12 @@ missing), so the model has to read them rather than memorise one layout.
 """
 from __future__ import annotations
 
-import ast
 import json
 import operator
 import random
 from dataclasses import dataclass, field
+
+from k2mlx.calculator import safe_eval  # noqa: F401  (re-exported: the evaluation scores with it)
 
 
 def _tool(name: str, description: str, params: dict[str, tuple[str, str]]) -> dict:
@@ -46,6 +47,44 @@ TOOLS: dict[str, dict] = {
     "search_web": _tool("search_web", "Search the web.", {"query": ("string", "Search terms")}),
 }
 
+
+def _fn(name: str, description: str, props: dict[str, tuple[str, str]], required: list[str]) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": {k: {"type": t, "description": d} for k, (t, d) in props.items()},
+        "required": required}}}
+
+
+_WS = "relative to the workspace"
+# What `k2mlx chat` declares (its built-in tools, in its order) and its default system prompt,
+# frozen here so the shipped model's data does not drift with the TUI's code; a test checks that
+# the two stay equal.
+TUI_TOOLS: list[dict] = [
+    _fn("read_file", "Read a text file in the workspace. Optional line offset/limit.",
+        {"path": ("string", f"file path {_WS}"), "offset": ("integer", "first line (0-based)"),
+         "limit": ("integer", "number of lines")}, ["path"]),
+    _fn("list_dir", "List the entries of a directory in the workspace.",
+        {"path": ("string", f"directory {_WS} (default '.')")}, []),
+    _fn("glob", "Find files in the workspace matching a glob pattern such as '**/*.py'.",
+        {"pattern": ("string", f"glob pattern {_WS}")}, ["pattern"]),
+    _fn("grep", "Search files in the workspace for a regular expression; prints path:line: text.",
+        {"pattern": ("string", "Python regular expression"), "path": ("string", "file or directory (default '.')"),
+         "include": ("string", "only files whose name matches this glob, e.g. '*.py'")}, ["pattern"]),
+    _fn("write_file", "Create or overwrite a file in the workspace with the given content.",
+        {"path": ("string", f"file path {_WS}"), "content": ("string", "the full new content")}, ["path", "content"]),
+    _fn("edit_file", "Replace an exact string in a file (old_string must occur exactly once unless replace_all).",
+        {"path": ("string", f"file path {_WS}"), "old_string": ("string", "exact text to replace"),
+         "new_string": ("string", "replacement text"), "replace_all": ("boolean", "replace every occurrence")},
+        ["path", "old_string", "new_string"]),
+    _fn("run_shell", "Run a shell command in the workspace (timeout in seconds, output capped).",
+        {"command": ("string", "the command line"), "timeout": ("number", "seconds"),
+         "cwd": ("string", f"directory {_WS}")}, ["command"]),
+    TOOLS["calculator"],
+]
+TUI_SYSTEM = ("You are Kimi, an AI assistant created by Moonshot AI, running locally through k2mlx. "
+              "You can use tools to read, search and edit files in the user's workspace and run commands there.")
+# The TUI's file tools also appear one by one among the others, so either wording means the same tool.
+_VARIANTS = {"read_file": TUI_TOOLS[0], "list_dir": TUI_TOOLS[1]}
+
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 _OP_WORDS = {"+": ["plus"], "-": ["minus"], "*": ["times", "multiplied by"]}
 
@@ -56,6 +95,8 @@ _ARITH_SYMBOLIC = [
     "I need {a} {op} {b}.", "Quick question: what is {a} {op} {b}?",
 ]
 _ARITH_WORDS = ["What is {a} {w} {b}?", "How much is {a} {w} {b}?", "Calculate {a} {w} {b}."]
+_ARITH_FOLLOWUPS = ["And {a} {op} {b}?", "Now {a} {op} {b}.", "What about {a} {op} {b}?", "And what is {a} {op} {b}?",
+                    "Next one: {a} {op} {b}"]
 _ARITH_ANSWERS = [
     "{a} {op} {b} = {r}.", "The answer is {r}.", "{a} {op} {b} is {r}.", "It comes to {r}.",
     "The result is {r}.",
@@ -130,6 +171,8 @@ _REFUSALS = [
     "I'm sorry, I don't have a tool for that.",
 ]
 _SYSTEMS = [None, None, "You are a helpful assistant.", "You are k2-nano, a helpful assistant."]
+_REPEAT_Q = ["Repeat after me: {x}", "Say {x}", "Please repeat this: {x}", "Echo {x}", "Can you say {x}?"]
+_WORDS = ["apple", "river", "blue", "seven", "k2mlx", "hello world", "green tea", "moon", "piano", "delta"]
 
 
 @dataclass
@@ -140,34 +183,13 @@ class Conversation:
     meta: dict = field(default_factory=dict)
 
 
-def safe_eval(expression: str) -> int | float:
-    """Evaluate + - * / ( ) on numbers only; raises ValueError on anything else."""
-
-    def ev(node):
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return node.value
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -ev(node.operand)
-        if isinstance(node, ast.BinOp):
-            ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-                   ast.Div: operator.truediv}
-            if type(node.op) in ops:
-                return ops[type(node.op)](ev(node.left), ev(node.right))
-        raise ValueError(f"unsupported expression: {expression!r}")
-
-    try:
-        return ev(ast.parse(expression.strip(), mode="eval"))
-    except SyntaxError as e:
-        raise ValueError(f"unsupported expression: {expression!r}") from e
-
-
 class Generator:
     """Draws conversations from one seeded RNG; `conversation()` picks a kind by weight."""
 
-    KINDS = (("arithmetic", 48), ("list_dir", 11), ("read_file", 11), ("weather", 5),
-             ("refusal", 12), ("greeting", 13))
+    KINDS = (("arithmetic", 50), ("list_dir", 10), ("read_file", 10), ("weather", 4),
+             ("refusal", 10), ("greeting", 10), ("repeat", 8))
+    TUI_SHARE = 0.06  # conversations declaring exactly what `k2mlx chat` declares
+    TUI_KINDS = ("arithmetic", "list_dir", "read_file", "refusal", "greeting")
 
     def __init__(self, seed: int):
         self.rng = random.Random(seed)
@@ -175,13 +197,14 @@ class Generator:
 
     # -- helpers ---------------------------------------------------------------------------
     def _tools(self, needed: list[str], exclude: tuple[str, ...] = ()) -> list[dict] | None:
-        """The needed tools plus 0-3 random others (1-3 when none is needed), shuffled."""
+        """The needed tools plus 0-3 random others (1-3 when none is needed), shuffled; the file
+        tools are declared in the TUI's wording a third of the time."""
         r = self.rng
         others = [n for n in TOOLS if n not in needed and n not in exclude]
         extra = r.choice((0, 1, 1, 2, 2, 3)) if needed else r.randint(1, 3)
         names = list(needed) + r.sample(others, min(extra, len(others)))
         r.shuffle(names)
-        return [TOOLS[n] for n in names]
+        return [_VARIANTS[n] if n in _VARIANTS and r.random() < 0.33 else TOOLS[n] for n in names]
 
     def _prefix(self) -> list[dict]:
         system = self.rng.choice(_SYSTEMS)
@@ -204,42 +227,65 @@ class Generator:
                 {"role": "assistant", "content": answer}]
 
     # -- kinds -----------------------------------------------------------------------------
-    def arithmetic_question(self) -> tuple[str, str, int]:
+    def arithmetic_question(self, followup: bool = False) -> tuple[str, str, int]:
         """(user text, canonical expression, value) with 1-3 digit operands."""
         r = self.rng
         digits = lambda: r.choice((1, 2, 2, 3, 3))  # noqa: E731
         a, b = r.randint(0, 10 ** digits() - 1), r.randint(0, 10 ** digits() - 1)
         op = r.choice(list(OPS))
         expr = f"{a} {op} {b}"
-        if r.random() < 0.15:
+        if followup and r.random() < 0.5:
+            text = r.choice(_ARITH_FOLLOWUPS).format(a=a, b=b, op=op)
+        elif r.random() < 0.15:
             text = r.choice(_ARITH_WORDS).format(a=a, b=b, w=r.choice(_OP_WORDS[op]))
         else:
             text = r.choice(_ARITH_SYMBOLIC).format(a=a, b=b, op=op)
         return text, expr, OPS[op](a, b)
 
-    def arithmetic(self, with_tool: bool = True) -> tuple[list[dict], list[dict] | None, dict]:
-        r = self.rng
-        text, expr, value = self.arithmetic_question()
-        user = {"role": "user", "content": text}
-        if not with_tool:
-            return [user, {"role": "assistant", "content": r.choice(_NO_CALC)}], \
-                self._tools([], exclude=("calculator",)), {"expression": expr, "value": value}
+    def arithmetic_exchange(self, followup: bool = False) -> tuple[list[dict], dict]:
+        """User question, calculator call, its result, the answer stating it."""
+        text, expr, value = self.arithmetic_question(followup)
         a, op, b = expr.split(" ")
-        answer = r.choice(_ARITH_ANSWERS).format(a=a, op=op, b=b, r=value)
-        msgs = [user] + self._tool_exchange("calculator", {"expression": expr}, str(value), answer)
-        return msgs, self._tools(["calculator"]), {"expression": expr, "value": value}
+        answer = self.rng.choice(_ARITH_ANSWERS).format(a=a, op=op, b=b, r=value)
+        msgs = [{"role": "user", "content": text}] + self._tool_exchange(
+            "calculator", {"expression": expr}, str(value), answer)
+        return msgs, {"expression": expr, "value": value}
 
-    def list_dir(self):
+    def arithmetic(self, with_tool: bool = True, tools: list[dict] | None = None,
+                   max_exchanges: int = 1) -> tuple[list[dict], list[dict] | None, dict]:
+        """One to `max_exchanges` questions in a row (later ones copy from the newest question
+        only: more copying per token of prompt, and the model learns which number is current)."""
+        r = self.rng
+        if not with_tool:
+            text, expr, value = self.arithmetic_question()
+            return [{"role": "user", "content": text}, {"role": "assistant", "content": r.choice(_NO_CALC)}], \
+                self._tools([], exclude=("calculator",)), {"expression": expr, "value": value}
+        tools = tools or self._tools(["calculator"])
+        msgs, meta = self.arithmetic_exchange()
+        n = r.choices((1, 2, 3), (0.45, 0.35, 0.2))[0] if max_exchanges > 1 else 1
+        for _ in range(n - 1):
+            more, _m = self.arithmetic_exchange(followup=True)
+            msgs += more
+        return msgs, tools, meta
+
+    def _listing(self, items: list[str]) -> str:
+        """A plain listing, or the TUI's `list_dir` rows (kind, size, name)."""
+        r = self.rng
+        if r.random() < 0.5:
+            return "\n".join(items)
+        return "\n".join(f"{'file':4} {r.randint(0, 99999)!s:>9} {name}" for name in items)
+
+    def list_dir(self, tools: list[dict] | None = None):
         r = self.rng
         d = r.choice(_DIRS)
         items = r.sample(_FILES, r.randint(1, 4))
         user = {"role": "user", "content": r.choice(_LIST_Q).format(d=d)}
         answer = r.choice(_LIST_A).format(d=d, n=len(items), items=", ".join(items))
         needed = ["list_dir"] + (["read_file"] if r.random() < 0.5 else [])
-        msgs = [user] + self._tool_exchange("list_dir", {"path": d}, "\n".join(items), answer)
-        return msgs, self._tools(needed), {"path": d}
+        msgs = [user] + self._tool_exchange("list_dir", {"path": d}, self._listing(items), answer)
+        return msgs, tools or self._tools(needed), {"path": d}
 
-    def read_file(self):
+    def read_file(self, tools: list[dict] | None = None):
         r = self.rng
         p = r.choice(_TEXT_FILES)
         if r.random() < 0.5:
@@ -249,21 +295,25 @@ class Generator:
         answer = r.choice(_READ_A).format(p=p, c=content)
         needed = ["read_file"] + (["list_dir"] if r.random() < 0.5 else [])
         msgs = [user] + self._tool_exchange("read_file", {"path": p}, content, answer)
-        return msgs, self._tools(needed), {"path": p}
+        return msgs, tools or self._tools(needed), {"path": p}
 
-    def weather(self):
+    def weather(self, tools: list[dict] | None = None):
         r = self.rng
         c, w = r.choice(_CITIES), r.choice(_WEATHER)
         user = {"role": "user", "content": r.choice(_WEATHER_Q).format(c=c)}
         answer = r.choice(_WEATHER_A).format(c=c, w=w)
         return [user] + self._tool_exchange("get_weather", {"city": c}, w, answer), \
-            self._tools(["get_weather"]), {"city": c}
+            tools or self._tools(["get_weather"]), {"city": c}
 
-    def refusal(self):
+    def refusal(self, tools: list[dict] | None = None):
         """A request no declared tool can serve: unsupported tasks, or weather / files /
-        arithmetic when their tool is not declared."""
+        arithmetic when their tool is not declared. With `tools` given (the TUI's set), only
+        requests none of them serves."""
         r = self.rng
         pick = r.random()
+        if tools is not None:
+            text = r.choice(_WEATHER_Q).format(c=r.choice(_CITIES)) if pick < 0.3 else r.choice(_UNSUPPORTED)[0]
+            return [{"role": "user", "content": text}, {"role": "assistant", "content": r.choice(_REFUSALS)}], tools, {}
         if pick < 0.3:
             return self.arithmetic(with_tool=False)
         if pick < 0.45:
@@ -278,11 +328,28 @@ class Generator:
         msgs = [{"role": "user", "content": text}, {"role": "assistant", "content": r.choice(_REFUSALS)}]
         return msgs, self._tools([], exclude=exclude), {}
 
-    def greeting(self):
+    def greeting(self, tools: list[dict] | None = None):
         r = self.rng
         q, a = r.choice(_GREETINGS)
-        tools = self._tools([]) if r.random() < 0.6 else None
+        if tools is None:
+            tools = self._tools([]) if r.random() < 0.6 else None
         return [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tools, {}
+
+    def repeat(self, tools: list[dict] | None = None):
+        """Say back a number, an expression or a few words exactly: pure copying, the skill every
+        tool call's arguments and every answer that states a result depend on."""
+        r = self.rng
+        pick = r.random()
+        if pick < 0.45:
+            x = str(r.randint(0, 10 ** r.randint(1, 7) - 1))
+        elif pick < 0.8:
+            x = self.arithmetic_question()[1]
+        else:
+            x = " ".join(r.sample(_WORDS, r.randint(1, 3)))
+        if tools is None:
+            tools = self._tools([]) if r.random() < 0.5 else None
+        return [{"role": "user", "content": r.choice(_REPEAT_Q).format(x=x)},
+                {"role": "assistant", "content": x}], tools, {"text": x}
 
     def conversation(self, kind: str | None = None) -> Conversation:
         r = self.rng
@@ -294,8 +361,15 @@ class Generator:
         if kind != "greeting" and r.random() < 0.15:
             q, a = r.choice(_GREETINGS[:6])  # an earlier small-talk turn, for multi-turn context
             history = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        msgs, tools, meta = getattr(self, kind)()
-        return Conversation(self._prefix() + history + msgs, tools, kind, meta)
+        if kind in self.TUI_KINDS and r.random() < self.TUI_SHARE:
+            prefix, tools = [{"role": "system", "content": TUI_SYSTEM}], list(TUI_TOOLS)
+        else:
+            prefix, tools = self._prefix(), None
+        if kind == "arithmetic":
+            msgs, tools, meta = self.arithmetic(tools=tools, max_exchanges=3)
+        else:
+            msgs, tools, meta = getattr(self, kind)(tools=tools)
+        return Conversation(prefix + history + msgs, tools, kind, meta)
 
 
 def generate(n: int, seed: int, kind: str | None = None) -> list[Conversation]:

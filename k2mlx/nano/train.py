@@ -48,11 +48,11 @@ NANO_ARCH = {
     "q_lora_rank": 96,
     "kv_lora_rank": 64,
     "qk_nope_head_dim": 32,
-    "qk_rope_head_dim": 16,
+    "qk_rope_head_dim": 32,
     "v_head_dim": 32,
     "hidden_act": "silu",
     "max_position_embeddings": 4096,
-    "rope_theta": 50000.0,
+    "rope_theta": 10000.0,
     "rope_scaling": {
         "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
         "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
@@ -81,7 +81,7 @@ class TrainConfig:
     n_conversations: int = 12000
     n_merges: int = 1000
     tokenizer_sample: int = 3000
-    max_len: int = 448
+    max_len: int = 1024
     arch: dict = field(default_factory=lambda: dict(NANO_ARCH))
 
 

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from k2mlx.nano.data import OPS, TOOLS, arithmetic_cases, generate, safe_eval
+from k2mlx.nano.data import OPS, TOOLS, TUI_SYSTEM, TUI_TOOLS, arithmetic_cases, generate, safe_eval
 
 
 def test_same_seed_same_data_other_seed_other_data():
@@ -16,7 +16,7 @@ def test_same_seed_same_data_other_seed_other_data():
 def test_every_kind_appears_and_tool_declarations_vary():
     convs = generate(600, 0)
     kinds = Counter(c.kind for c in convs)
-    assert set(kinds) == {"arithmetic", "list_dir", "read_file", "weather", "refusal", "greeting"}
+    assert set(kinds) == {"arithmetic", "list_dir", "read_file", "weather", "refusal", "greeting", "repeat"}
     layouts = {tuple(t["function"]["name"] for t in c.tools or ()) for c in convs}
     assert len(layouts) > 50  # order and number of tools change
     positions = Counter(
@@ -36,9 +36,15 @@ def test_tool_calls_match_declarations_and_results():
                 assert c.messages[i + 1] == {"role": "tool", "tool_call_id": call["id"],
                                              "content": c.messages[i + 1]["content"]}
                 if call["function"]["name"] == "calculator":
-                    assert safe_eval(args["expression"]) == c.meta["value"]
-                    assert c.messages[i + 1]["content"] == str(c.meta["value"])
-                    assert str(c.meta["value"]) in c.messages[i + 2]["content"]
+                    value = safe_eval(args["expression"])
+                    assert c.messages[i + 1]["content"] == str(value)
+                    assert str(value) in c.messages[i + 2]["content"]
+                    # the expression's operands and operator are all in the user's question
+                    question = c.messages[i - 1]["content"]
+                    a, op, b = args["expression"].split(" ")
+                    assert a in question and b in question
+                    assert op in question or {"+": "plus", "-": "minus", "*": "times"}[op] in question \
+                        or "multiplied" in question
         if c.kind == "refusal":
             assert not any(m.get("tool_calls") for m in c.messages)
 
@@ -53,7 +59,32 @@ def test_arithmetic_cases_cover_ops_and_sizes():
     assert all(c.messages[-3]["tool_calls"][0]["function"]["name"] == "calculator" for c in cases)
 
 
-@pytest.mark.parametrize("bad", ["__import__('os')", "2 ** 8", "a + 1", "1 +"])
+def test_arithmetic_conversations_chain_questions_and_copy_exercises_exist():
+    convs = generate(800, 3)
+    calls = Counter(sum(bool(m.get("tool_calls")) for m in c.messages) for c in convs if c.kind == "arithmetic")
+    assert set(calls) == {1, 2, 3}  # later questions in one conversation: copy from the newest one
+    for c in convs:
+        if c.kind == "repeat":
+            assert c.messages[-1]["content"] == c.meta["text"] and c.meta["text"] in c.messages[-2]["content"]
+
+
+def test_tui_declarations_are_the_ones_k2mlx_chat_sends():
+    """k2-nano is trained on the TUI's exact tool list and system prompt (8% of conversations),
+    so `k2mlx chat` on the default model calls its tools. If the TUI's tools change, this fails:
+    update TUI_TOOLS and retrain."""
+    from k2mlx.tui.app import DEFAULT_SYSTEM
+    from k2mlx.tui.tools.builtin import builtin_tools
+    from k2mlx.tui.tools.confine import Workspace
+
+    assert [t.spec() for t in builtin_tools(Workspace("."))] == TUI_TOOLS
+    assert DEFAULT_SYSTEM == TUI_SYSTEM
+    tui = [c for c in generate(1500, 4) if c.tools == TUI_TOOLS]
+    assert 0.04 < len(tui) / 1500 < 0.12
+    assert {c.kind for c in tui} == {"arithmetic", "list_dir", "read_file", "refusal", "greeting"}
+    assert all(c.messages[0] == {"role": "system", "content": TUI_SYSTEM} for c in tui)
+
+
+@pytest.mark.parametrize("bad", ["__import__('os')", "2 ** 9999", "a + 1", "1 +", "1 / 0", "True + 1"])
 def test_safe_eval_refuses_anything_but_arithmetic(bad):
     with pytest.raises(ValueError):
         safe_eval(bad)

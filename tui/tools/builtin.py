@@ -218,6 +218,14 @@ def builtin_tools(ws: Workspace, *, shell_timeout: float = 30.0) -> list[Tool]:
         status = "ok" if proc.returncode == 0 else "error"
         return ToolResult(status, f"{text}\n[exit code {proc.returncode}]" if text else f"[exit code {proc.returncode}]")
 
+    def calculator(args):
+        from k2mlx.calculator import format_number, safe_eval
+
+        try:
+            return ToolResult("ok", format_number(safe_eval(need(args, "expression"))))
+        except ValueError as e:
+            return ToolResult("error", str(e))
+
     return [
         Tool("read_file", "Read a text file in the workspace. Optional line offset/limit.",
              _obj({"path": _str("file path relative to the workspace"),
@@ -243,6 +251,9 @@ def builtin_tools(ws: Workspace, *, shell_timeout: float = 30.0) -> list[Tool]:
              _obj({"command": _str("the command line"), "timeout": {"type": "number", "description": "seconds"},
                    "cwd": _str("directory relative to the workspace")}, ["command"]),
              run_shell, needs_approval=True, preview=lambda a: (shell_check(a), None)[1]),
+        # models (k2-nano above all) are bad at arithmetic: an exact evaluator, no code execution
+        Tool("calculator", "Evaluate an arithmetic expression.",
+             _obj({"expression": _str("The expression to evaluate")}, ["expression"]), _threaded(calculator)),
     ]
 
 
