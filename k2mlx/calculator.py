@@ -5,11 +5,13 @@ Only numbers, + - * / // % **, unary minus and parentheses are accepted (parsed 
 from __future__ import annotations
 
 import ast
+import math
 import operator
 
 _BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
         ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 MAX_EXPONENT = 1000
+MAX_RESULT_BITS = 100_000  # a power whose result would be bigger is refused before it is computed
 
 
 def safe_eval(expression: str) -> int | float:
@@ -26,8 +28,9 @@ def safe_eval(expression: str) -> int | float:
             return -v if isinstance(node.op, ast.USub) else v
         if isinstance(node, ast.BinOp) and type(node.op) in _BIN:
             left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
-                raise ValueError(f"exponent {right} is too large (at most {MAX_EXPONENT})")
+            if isinstance(node.op, ast.Pow) and (abs(right) > MAX_EXPONENT or (
+                    abs(left) > 1 and right > 0 and right * math.log2(abs(left)) > MAX_RESULT_BITS)):
+                raise ValueError(f"the power {left!r:.20} ** {right!r:.20} is too large")
             return _BIN[type(node.op)](left, right)
         raise ValueError(f"unsupported expression: {expression!r} (numbers and + - * / // % ** ( ) only)")
 

@@ -62,7 +62,7 @@ async def test_slash_commands(make_app, workspace):
         assert await command(pilot, app, "/system Answer in French.") == "system prompt set"
         assert app.wire_messages()[0] == {"role": "system", "content": "Answer in French."}
         listing = await command(pilot, app, "/tools")
-        for name in ("read_file", "list_dir", "glob", "grep", "write_file", "edit_file", "run_shell"):
+        for name in ("read_file", "list_dir", "glob", "grep", "write_file", "edit_file", "run_shell", "calculator"):
             assert f"`{name}`" in listing
         assert "hidden from" in await command(pilot, app, "/tools off") and app.registry.specs() == []
         await command(pilot, app, "/tools on")

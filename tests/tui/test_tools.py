@@ -130,7 +130,7 @@ def test_specs_are_openai_tools(setup):
     _, _, reg = setup
     specs = reg.specs()
     names = [s["function"]["name"] for s in specs]
-    assert names == ["read_file", "list_dir", "glob", "grep", "write_file", "edit_file", "run_shell"]
+    assert names == ["read_file", "list_dir", "glob", "grep", "write_file", "edit_file", "run_shell", "calculator"]
     for s in specs:
         assert s["type"] == "function" and s["function"]["parameters"]["type"] == "object"
         json.dumps(s)
@@ -138,6 +138,33 @@ def test_specs_are_openai_tools(setup):
     assert asks == {"write_file", "edit_file", "run_shell"}
     reg.enabled = False
     assert reg.specs() == []
+
+
+def test_calculator_evaluates_arithmetic_only(setup):
+    _, _, reg = setup
+    assert run(reg, "calculator", expression="17 * 23").output == "391"
+    assert run(reg, "calculator", expression="(2 + 3) * -4 / 8").output == "-2.5"
+    assert run(reg, "calculator", expression="10 / 4 * 2").output == "5"
+    for bad, why in (("__import__('os').system('true')", "unsupported"), ("9 ** 9 ** 9", "too large"),
+                     ("(10 ** 999) ** 999", "too large"), ("1 / 0", "division by zero"), ("x + 1", "unsupported")):
+        r = run(reg, "calculator", expression=bad)
+        assert r.status == "error" and why in r.output, (bad, r.output)
+    assert run(reg, "calculator").status == "refused"  # missing argument
+
+
+def test_ask_all_makes_read_only_tools_ask(setup):
+    from k2mlx.tui.tools import ApprovalPolicy, Decision
+
+    _, _, reg = setup
+    default, ask_all = ApprovalPolicy(), ApprovalPolicy(ask_all=True)
+    calc, shell = reg.get("calculator"), reg.get("run_shell")
+    assert not default.needs_prompt(calc) and default.needs_prompt(shell)
+    assert ask_all.needs_prompt(calc) and ask_all.needs_prompt(shell)
+    ask_all.record(calc, Decision.ALWAYS)
+    assert not ask_all.needs_prompt(calc) and ask_all.needs_prompt(shell)
+    assert not ApprovalPolicy(auto_approve=True).needs_prompt(shell)
+    with pytest.raises(ValueError, match="contradict"):
+        ApprovalPolicy(auto_approve=True, ask_all=True)
 
 
 def test_bad_arguments_are_results_not_crashes(setup):
