@@ -183,6 +183,19 @@ class Conversation:
     meta: dict = field(default_factory=dict)
 
 
+def _pick(r: random.Random, options: list):
+    """(index, option): the index of a question's phrasing picks its answer's wording."""
+    i = r.randrange(len(options))
+    return i, options[i]
+
+
+def _styled(answers: list[str], style: int) -> str:
+    """The answer wording is a function of the question's wording, never a coin flip: a greedy
+    reply then has one clear best token, and the 4-bit model makes the same choice as the float one
+    (with random wordings the first answer token is a near-tie that quantization flips)."""
+    return answers[style % len(answers)]
+
+
 class Generator:
     """Draws conversations from one seeded RNG; `conversation()` picks a kind by weight."""
 
@@ -194,6 +207,7 @@ class Generator:
     def __init__(self, seed: int):
         self.rng = random.Random(seed)
         self._call_index = 0
+        self._style = 0  # the phrasing of the last arithmetic question (picks its answer's wording)
 
     # -- helpers ---------------------------------------------------------------------------
     def _tools(self, needed: list[str], exclude: tuple[str, ...] = ()) -> list[dict] | None:
@@ -235,18 +249,21 @@ class Generator:
         op = r.choice(list(OPS))
         expr = f"{a} {op} {b}"
         if followup and r.random() < 0.5:
-            text = r.choice(_ARITH_FOLLOWUPS).format(a=a, b=b, op=op)
+            self._style, template = _pick(r, _ARITH_FOLLOWUPS)
+            text = template.format(a=a, b=b, op=op)
         elif r.random() < 0.15:
-            text = r.choice(_ARITH_WORDS).format(a=a, b=b, w=r.choice(_OP_WORDS[op]))
+            self._style, template = _pick(r, _ARITH_WORDS)
+            text = template.format(a=a, b=b, w=r.choice(_OP_WORDS[op]))
         else:
-            text = r.choice(_ARITH_SYMBOLIC).format(a=a, b=b, op=op)
+            self._style, template = _pick(r, _ARITH_SYMBOLIC)
+            text = template.format(a=a, b=b, op=op)
         return text, expr, OPS[op](a, b)
 
     def arithmetic_exchange(self, followup: bool = False) -> tuple[list[dict], dict]:
         """User question, calculator call, its result, the answer stating it."""
         text, expr, value = self.arithmetic_question(followup)
         a, op, b = expr.split(" ")
-        answer = self.rng.choice(_ARITH_ANSWERS).format(a=a, op=op, b=b, r=value)
+        answer = _styled(_ARITH_ANSWERS, self._style).format(a=a, op=op, b=b, r=value)
         msgs = [{"role": "user", "content": text}] + self._tool_exchange(
             "calculator", {"expression": expr}, str(value), answer)
         return msgs, {"expression": expr, "value": value}
@@ -258,7 +275,7 @@ class Generator:
         r = self.rng
         if not with_tool:
             text, expr, value = self.arithmetic_question()
-            return [{"role": "user", "content": text}, {"role": "assistant", "content": r.choice(_NO_CALC)}], \
+            return [{"role": "user", "content": text}, {"role": "assistant", "content": _styled(_NO_CALC, self._style)}], \
                 self._tools([], exclude=("calculator",)), {"expression": expr, "value": value}
         tools = tools or self._tools(["calculator"])
         msgs, meta = self.arithmetic_exchange()
@@ -279,8 +296,9 @@ class Generator:
         r = self.rng
         d = r.choice(_DIRS)
         items = r.sample(_FILES, r.randint(1, 4))
-        user = {"role": "user", "content": r.choice(_LIST_Q).format(d=d)}
-        answer = r.choice(_LIST_A).format(d=d, n=len(items), items=", ".join(items))
+        style, q = _pick(r, _LIST_Q)
+        user = {"role": "user", "content": q.format(d=d)}
+        answer = _styled(_LIST_A, style).format(d=d, n=len(items), items=", ".join(items))
         needed = ["list_dir"] + (["read_file"] if r.random() < 0.5 else [])
         msgs = [user] + self._tool_exchange("list_dir", {"path": d}, self._listing(items), answer)
         return msgs, tools or self._tools(needed), {"path": d}
@@ -291,8 +309,9 @@ class Generator:
         if r.random() < 0.5:
             p = f"{r.choice(_DIRS)}/{p}"
         content = r.choice(_CONTENTS)
-        user = {"role": "user", "content": r.choice(_READ_Q).format(p=p)}
-        answer = r.choice(_READ_A).format(p=p, c=content)
+        style, q = _pick(r, _READ_Q)
+        user = {"role": "user", "content": q.format(p=p)}
+        answer = _styled(_READ_A, style).format(p=p, c=content)
         needed = ["read_file"] + (["list_dir"] if r.random() < 0.5 else [])
         msgs = [user] + self._tool_exchange("read_file", {"path": p}, content, answer)
         return msgs, tools or self._tools(needed), {"path": p}
@@ -300,8 +319,9 @@ class Generator:
     def weather(self, tools: list[dict] | None = None):
         r = self.rng
         c, w = r.choice(_CITIES), r.choice(_WEATHER)
-        user = {"role": "user", "content": r.choice(_WEATHER_Q).format(c=c)}
-        answer = r.choice(_WEATHER_A).format(c=c, w=w)
+        style, q = _pick(r, _WEATHER_Q)
+        user = {"role": "user", "content": q.format(c=c)}
+        answer = _styled(_WEATHER_A, style).format(c=c, w=w)
         return [user] + self._tool_exchange("get_weather", {"city": c}, w, answer), \
             tools or self._tools(["get_weather"]), {"city": c}
 
@@ -312,20 +332,27 @@ class Generator:
         r = self.rng
         pick = r.random()
         if tools is not None:
-            text = r.choice(_WEATHER_Q).format(c=r.choice(_CITIES)) if pick < 0.3 else r.choice(_UNSUPPORTED)[0]
-            return [{"role": "user", "content": text}, {"role": "assistant", "content": r.choice(_REFUSALS)}], tools, {}
+            if pick < 0.3:
+                style, q = _pick(r, _WEATHER_Q)
+                text = q.format(c=r.choice(_CITIES))
+            else:
+                style, (text, _) = _pick(r, _UNSUPPORTED)
+            return [{"role": "user", "content": text},
+                    {"role": "assistant", "content": _styled(_REFUSALS, style)}], tools, {}
         if pick < 0.3:
             return self.arithmetic(with_tool=False)
         if pick < 0.45:
-            text = r.choice(_WEATHER_Q).format(c=r.choice(_CITIES))
+            style, q = _pick(r, _WEATHER_Q)
+            text = q.format(c=r.choice(_CITIES))
             exclude = ("get_weather",)
         elif pick < 0.6:
-            text = r.choice(_LIST_Q + _READ_Q).format(d=r.choice(_DIRS), p=r.choice(_TEXT_FILES))
+            style, q = _pick(r, _LIST_Q + _READ_Q)
+            text = q.format(d=r.choice(_DIRS), p=r.choice(_TEXT_FILES))
             exclude = ("list_dir", "read_file")
         else:
-            text, tool = r.choice(_UNSUPPORTED)
+            style, (text, tool) = _pick(r, _UNSUPPORTED)
             exclude = (tool,) if tool else ()
-        msgs = [{"role": "user", "content": text}, {"role": "assistant", "content": r.choice(_REFUSALS)}]
+        msgs = [{"role": "user", "content": text}, {"role": "assistant", "content": _styled(_REFUSALS, style)}]
         return msgs, self._tools([], exclude=exclude), {}
 
     def greeting(self, tools: list[dict] | None = None):

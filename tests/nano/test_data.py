@@ -68,6 +68,33 @@ def test_arithmetic_conversations_chain_questions_and_copy_exercises_exist():
             assert c.messages[-1]["content"] == c.meta["text"] and c.meta["text"] in c.messages[-2]["content"]
 
 
+def test_answer_wording_follows_the_question_wording():
+    """No coin-flip wordings: the same question shape always gets the same answer shape (a greedy
+    reply has one best first token, so 4-bit and float pick the same)."""
+    import re
+
+    def shape(text):
+        text = re.sub(r"-?\d+", "N", text)
+        return re.sub(r" [-+*] ", " OP ", text)  # "plus" etc. stay: they are another wording
+
+    seen: dict[str, set] = {}
+    for c in generate(1500, 8):
+        msgs = c.messages
+        for i, m in enumerate(msgs):
+            if m["role"] != "user":
+                continue
+            if c.kind == "arithmetic" and msgs[i + 1].get("tool_calls"):
+                answer = msgs[i + 3]["content"]  # after the call and the tool result
+            elif c.kind in ("refusal", "greeting", "repeat") and i == len(msgs) - 2:
+                answer = msgs[i + 1]["content"]
+            else:
+                continue
+            key = (c.kind, shape(m["content"]) if c.kind != "repeat" else "")
+            seen.setdefault(key, set()).add(shape(answer) if c.kind != "repeat" else "same")
+    assert len(seen) > 30
+    assert {k: v for k, v in seen.items() if len(v) > 1} == {}
+
+
 def test_tui_declarations_are_the_ones_k2mlx_chat_sends():
     """k2-nano is trained on the TUI's exact tool list and system prompt (8% of conversations),
     so `k2mlx chat` on the default model calls its tools. If the TUI's tools change, this fails:
