@@ -68,7 +68,7 @@ NANO_ARCH = {
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 1000
+    steps: int = 2200
     batch_size: int = 8
     # Muon's updates are scaled to AdamW's RMS (0.2 * sqrt(max(n, m))), so one lr serves both
     lr: float = 6e-3
