@@ -43,6 +43,8 @@ def main(argv=None) -> int:
                    help='JSON bits per module class, e.g. \'{"attention": 8}\' (experts, shared, attention, dense, embed, head)')
     p.add_argument("--init-from", default=None,
                    help="continue from this float k2-nano checkpoint (its weights and tokenizer) instead of from scratch")
+    p.add_argument("--mix", default=None, metavar="KIND=W,...",
+                   help="override conversation kind weights, e.g. refusal=30 (defaults: k2mlx.nano.data.Generator.KINDS)")
     p.add_argument("--requantize", action="store_true",
                    help="skip training: quantize WORK/float again (other --bits/--class-bits) and redo the checks")
     args = p.parse_args(argv)
@@ -65,8 +67,9 @@ def main(argv=None) -> int:
         record = json.loads((out / "TRAINING.json").read_text())
         record.pop("greedy_agreement_4bit_vs_float", None)  # written by an earlier version of this script
     else:
+        mix = {k: float(w) for k, w in (kv.split("=") for kv in args.mix.split(","))} if args.mix else None
         cfg = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          n_conversations=args.conversations)
+                          n_conversations=args.conversations, mix=mix)
         work.mkdir(parents=True, exist_ok=True)
         tty = sys.stderr.isatty()
 

@@ -204,7 +204,8 @@ class Generator:
     TUI_SHARE = 0.06  # conversations declaring exactly what `k2mlx chat` declares
     TUI_KINDS = ("arithmetic", "list_dir", "read_file", "refusal", "greeting")
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, weights: dict[str, float] | None = None):
+        self.kinds = tuple((k, (weights or {}).get(k, w)) for k, w in self.KINDS)  # --mix overrides
         self.rng = random.Random(seed)
         self._call_index = 0
         self._style = 0  # the phrasing of the last arithmetic question (picks its answer's wording)
@@ -382,7 +383,7 @@ class Generator:
         r = self.rng
         self._call_index = 0
         if kind is None:
-            names, weights = zip(*self.KINDS)
+            names, weights = zip(*self.kinds)
             kind = r.choices(names, weights)[0]
         history: list[dict] = []
         if kind != "greeting" and r.random() < 0.15:
@@ -399,9 +400,9 @@ class Generator:
         return Conversation(prefix + history + msgs, tools, kind, meta)
 
 
-def generate(n: int, seed: int, kind: str | None = None) -> list[Conversation]:
-    """`n` conversations from `seed` (same seed, same list)."""
-    g = Generator(seed)
+def generate(n: int, seed: int, kind: str | None = None, weights: dict[str, float] | None = None) -> list[Conversation]:
+    """`n` conversations from `seed` (same seed and weights, same list)."""
+    g = Generator(seed, weights)
     return [g.conversation(kind) for _ in range(n)]
 
 

@@ -82,6 +82,7 @@ class TrainConfig:
     n_merges: int = 1000
     tokenizer_sample: int = 3000
     max_len: int = 1024
+    mix: dict | None = None  # kind -> weight overrides of Generator.KINDS (a later stage's emphasis)
     arch: dict = field(default_factory=lambda: dict(NANO_ARCH))
 
 
@@ -269,7 +270,7 @@ def prepare(cfg: TrainConfig, tok_dir: Path, template: str | None = None):
     """Conversations -> tokenizer (written to `tok_dir`) -> encoded (ids, mask) pairs."""
     from k2mlx.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 
-    convs = generate(cfg.n_conversations, cfg.seed)
+    convs = generate(cfg.n_conversations, cfg.seed, weights=cfg.mix)
     ranks = train_bpe(tokenizer_texts(convs[: cfg.tokenizer_sample], template), cfg.n_merges)
     save_tokenizer(tok_dir, ranks, thinking=False, chat_template=template,
                    model_max_length=cfg.arch["max_position_embeddings"])
@@ -307,7 +308,8 @@ def train(cfg: TrainConfig, tok_dir: Path, template: str | None = None, progress
         for f in ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja"):
             if (Path(init_from) / f).is_file():
                 shutil.copy2(Path(init_from) / f, Path(tok_dir) / f)
-        encoded = [encode_conversation(c, tok, template) for c in generate(cfg.n_conversations, cfg.seed)]
+        encoded = [encode_conversation(c, tok, template)
+                   for c in generate(cfg.n_conversations, cfg.seed, weights=cfg.mix)]
         encoded = [e for e in encoded if len(e[0]) <= cfg.max_len]
     opt = MuonClip(lr=lr_schedule(cfg), weight_decay=cfg.weight_decay, adam_lr_ratio=cfg.adam_lr_ratio,
                    tau=cfg.tau)

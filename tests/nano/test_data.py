@@ -155,3 +155,10 @@ def test_loss_mask_covers_exactly_the_assistant_turns(tmp_path):
                 assert m["tool_calls"][0]["function"]["arguments"] in text
             else:
                 assert text == m["content"] + "<|im_end|>"
+
+
+def test_mix_overrides_kind_weights():
+    base = Counter(c.kind for c in generate(600, 9))
+    more = Counter(c.kind for c in generate(600, 9, weights={"refusal": 60}))
+    assert more["refusal"] > 2 * base["refusal"] and set(more) == set(base)
+    assert [c.messages for c in generate(50, 9, weights=None)] == [c.messages for c in generate(50, 9)]
