@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         record = json.loads((out / "TRAINING.json").read_text())
         record.pop("greedy_agreement_4bit_vs_float", None)  # written by an earlier version of this script
     else:
-        mix = {k: float(w) for k, w in (kv.split("=") for kv in args.mix.split(","))} if args.mix else None
+        mix = parse_mix(args.mix) if args.mix else None
         cfg = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           n_conversations=args.conversations, mix=mix)
         work.mkdir(parents=True, exist_ok=True)
@@ -137,6 +137,23 @@ def main(argv=None) -> int:
     (out / "TRAINING.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out} ({record['size_bytes'] / 1e6:.2f} MB)")
     return 0
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """'refusal=35,repeat=10' -> {'refusal': 35.0, 'repeat': 10.0}; unknown kinds are an error."""
+    from k2mlx.nano.data import Generator
+
+    kinds = dict(Generator.KINDS)
+    out = {}
+    for item in text.split(","):
+        name, _, weight = item.partition("=")
+        try:
+            out[name.strip()] = float(weight)
+        except ValueError:
+            raise SystemExit(f"--mix: '{item}' is not KIND=WEIGHT") from None
+        if name.strip() not in kinds:
+            raise SystemExit(f"--mix: unknown kind '{name.strip()}' (kinds: {', '.join(kinds)})")
+    return out
 
 
 def load_model(path):
