@@ -1,4 +1,5 @@
-"""Approval policy: tools that write or run ask first (`ask_all`: every tool asks, read-only ones too). Allow once, allow always (for this
+"""Approval policy: tools that write or run ask first (`ask_all`: every tool asks, read-only ones
+too). Allow once, allow always (for this
 session: by tool name), or deny. A denied call never runs; the model is told it was denied."""
 from __future__ import annotations
 
