@@ -7,7 +7,8 @@ so a seed fixes the data exactly.
 
 Kinds: greetings and short answers; arithmetic answered with the `calculator` tool; questions about
 files answered with `list_dir` / `read_file`; weather with `get_weather`; and a refusal whenever no
-declared tool fits. Tool declarations vary in number and order (and the needed tool is sometimes
+declared tool fits; "repeat after me" copy exercises; and, in 6% of conversations, exactly the TUI's
+tool list and system prompt. Tool declarations vary in number and order (and the needed tool is sometimes
 missing), so the model has to read them rather than memorise one layout.
 """
 from __future__ import annotations
