@@ -171,6 +171,15 @@ def stage_times(res: dict) -> dict:
     return {s: e for s, e in sorted(r0.items()) if "c1" in e}
 
 
+def print_timelines(res: dict, key: str, label: str) -> None:
+    """Per-step timelines of the 1- and 2-stream runs of `key`, as Markdown tables."""
+    for s in (1, 2):
+        print(f"\ntimeline, {label}, {s} stream(s) (ms per step):")
+        print("| step | rank 0 compute (cpu) | rank 0 wait | rank 1 wait | rank 1 compute (cpu) |")
+        print("|---|---|---|---|---|")
+        print("\n".join(timeline(res[(key, s)])))
+
+
 def timeline(res: dict, n: int = 6) -> list[str]:
     """Rank 0 compute (embed + its layers + send), rank 0 wait for logits, rank 1 wait for
     input, rank 1 compute (its layers + head + send back); wall ms, CPU ms in brackets."""
@@ -278,11 +287,7 @@ def main() -> int:
     print(f"engine, two ranks, aggregate vs their own single stream: 2 streams "
           f"{res[('engine two ranks', 2)]['tok_s'] / base:.2f}x, 4 streams "
           f"{res[('engine two ranks', 4)]['tok_s'] / base:.2f}x")
-    for s in (1, 2):
-        print(f"\ntimeline, engine, two ranks, {s} stream(s) (ms per step):")
-        print("| step | rank 0 compute (cpu) | rank 0 wait | rank 1 wait | rank 1 compute (cpu) |")
-        print("|---|---|---|---|---|")
-        print("\n".join(timeline(res[("engine two ranks", s)])))
+    print_timelines(res, "engine two ranks", "engine, two ranks")
     for key, what in (("tok_s_p10", "tok/s from the 10th-percentile round (least disturbed by other load)"),
                       ("tok_s_median", "tok/s from the median round"), ("tok_s", "tok/s, wall clock")):
         print(f"\n{what}:")
@@ -306,11 +311,7 @@ def main() -> int:
           f"{k2['tok_s_median'] / k1['tok_s_median']:.2f}x | {k1['cpu_per_forward_s'] * 1e3:.1f} |")
     print(f"| mlx-lm | {ml1['tok_s_median']:.1f} | {ml2['tok_s_median']:.1f} | "
           f"{ml2['tok_s_median'] / ml1['tok_s_median']:.2f}x | {ml1['cpu_per_token_s'] * 1e3:.1f} |")
-    for s in (1, 2):
-        print(f"\ntimeline, two ranks, {s} stream(s) (ms per step):")
-        print("| step | rank 0 compute (cpu) | rank 0 wait | rank 1 wait | rank 1 compute (cpu) |")
-        print("|---|---|---|---|---|")
-        print("\n".join(timeline(res[("two ranks", s)])))
+    print_timelines(res, "two ranks", "two ranks")
     print("\nfrom CPU time (two hosts, one core each, no other load), raw submit loop:")
     print("\n".join(projection(res)))
     print("\nfrom CPU time, the engine (two hosts, one core each, no other load):")
