@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 from k2mlx.calculator import safe_eval  # noqa: F401  (re-exported: the evaluation scores with it)
 
 
+def _fn(name: str, description: str, props: dict[str, tuple[str, str]], required: list[str]) -> dict:
+    """An OpenAI function declaration; `props` maps each parameter to (JSON type, description)."""
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": {k: {"type": t, "description": d} for k, (t, d) in props.items()},
+        "required": required}}}
+
+
 def _tool(name: str, description: str, params: dict[str, tuple[str, str]]) -> dict:
-    props = {k: {"type": t, "description": d} for k, (t, d) in params.items()}
-    return {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": description,
-            "parameters": {"type": "object", "properties": props, "required": list(params)},
-        },
-    }
+    """A declaration whose parameters are all required."""
+    return _fn(name, description, params, list(params))
 
 
 TOOLS: dict[str, dict] = {
@@ -47,12 +47,6 @@ TOOLS: dict[str, dict] = {
     ),
     "search_web": _tool("search_web", "Search the web.", {"query": ("string", "Search terms")}),
 }
-
-
-def _fn(name: str, description: str, props: dict[str, tuple[str, str]], required: list[str]) -> dict:
-    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
-        "type": "object", "properties": {k: {"type": t, "description": d} for k, (t, d) in props.items()},
-        "required": required}}}
 
 
 _WS = "relative to the workspace"
