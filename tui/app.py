@@ -422,7 +422,7 @@ class ChatApp(App):
             except ValueError as e:
                 problem = ToolResult("error", str(e))
         card = ToolCard(call, source=tool.source if tool else "built-in",
-                        needs_approval=bool(tool and (tool.needs_approval or self.policy.ask_all)), preview=preview)
+                        needs_approval=bool(tool and self.policy.guarded(tool)), preview=preview)
         await self.conversation.mount(card)
         self.conversation.scroll_end(animate=False)
         if problem is not None:

@@ -20,8 +20,12 @@ class ApprovalPolicy:
         self.ask_all = ask_all  # --ask-all: read-only tools ask too
         self.always: set[str] = set()
 
+    def guarded(self, tool) -> bool:
+        """Whether this tool is one that asks (before --yes or "allow always" lift it)."""
+        return tool.needs_approval or self.ask_all
+
     def needs_prompt(self, tool) -> bool:
-        return (tool.needs_approval or self.ask_all) and not self.auto_approve and tool.name not in self.always
+        return self.guarded(tool) and not self.auto_approve and tool.name not in self.always
 
     def record(self, tool, decision: Decision) -> None:
         if decision is Decision.ALWAYS:
