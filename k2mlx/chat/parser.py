@@ -1,4 +1,4 @@
-"""Streaming parser: generated K2 token ids -> typed events (k2mlx/engine/events.py).
+"""Streaming parser: generated K2 token ids -> typed events (k2mlx/events.py).
 
 K2 marks structure with special tokens, which the model emits as single ids, so the parser is a
 small state machine over ids; text between markers goes through an incremental UTF-8 decoder
@@ -19,7 +19,7 @@ import json
 import re
 from typing import Iterable
 
-from k2mlx.engine.events import (
+from k2mlx.events import (
     ParseWarning,
     ReasoningDelta,
     TextDelta,

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import sys
 
-    from k2mlx.engine.events import Done, ParseWarning, ReasoningDelta, TextDelta, ToolCallBegin, ToolCallEnd
+    from k2mlx.events import Done, ParseWarning, ReasoningDelta, TextDelta, ToolCallBegin, ToolCallEnd
     from k2mlx.engine.request import GenerationRequest, SamplingParams
 
     if getattr(args, "hosts", None):  # pipeline over several hosts (k2mlx.distributed)

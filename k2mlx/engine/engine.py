@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from k2mlx.engine.detok import StopStrings
-from k2mlx.engine.events import Done, TextDelta, Timings, ToolCallEnd, Usage
+from k2mlx.events import Done, TextDelta, Timings, ToolCallEnd, Usage
 from k2mlx.engine.prefix_cache import PrefixCache
 from k2mlx.engine.prompting import build_prompt, make_parser
 from k2mlx.engine.request import DEFAULT_MAX_TOKENS, GenerationRequest

@@ -6,7 +6,7 @@ a plain-text parser for raw prompts."""
 from __future__ import annotations
 
 from k2mlx.engine.detok import ByteDetokenizer
-from k2mlx.engine.events import TextDelta
+from k2mlx.events import TextDelta
 from k2mlx.engine.request import GenerationRequest
 from k2mlx.errors import RequestError
 

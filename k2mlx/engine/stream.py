@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import queue
 
-from k2mlx.engine.events import Done
+from k2mlx.events import Done
 
 
 class _Base:
