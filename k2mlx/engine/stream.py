@@ -11,7 +11,7 @@ from k2mlx.events import Done
 
 
 class _Base:
-    def __init__(self, engine, rid: int, prompt_tokens: int, cached_tokens_hint: int = 0):
+    def __init__(self, engine, rid: int, prompt_tokens: int):
         self._engine, self.rid, self.prompt_tokens = engine, rid, prompt_tokens
         self.done: Done | None = None
         self._closed = False

@@ -216,7 +216,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     async def chat_completions(request: Request):
         body = await body_of(request)
         req, opts = convert.chat_request(body)
-        prep, stream = await start(req)
+        _, stream = await start(req)
         if not opts["stream"]:
             col = sse.ChatCollector(name, req.logprobs)
             await collect(stream, request, col.add)
@@ -235,7 +235,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     async def completions(request: Request):
         body = await body_of(request)
         req, opts = convert.completion_request(body)
-        prep, stream = await start(req)
+        _, stream = await start(req)
         mapper = sse.CompletionStream(name, opts["include_usage"])
         echo = opts["prompt"] if opts["echo"] else ""
         if not opts["stream"]:
