@@ -29,17 +29,13 @@ def load_args(path: str | Path):
     return ModelArgs.from_dict(load_config(p), path=str(p / "config.json"))
 
 
-def _resolve(path) -> Path:
-    if path is None:
-        from k2mlx.tiny import default_model_path
+def _resolve(path, layers=None) -> Path:
+    """A folder, a Hugging Face repo id in the local cache, or None (k2-nano): see resolve.py."""
+    from k2mlx.loading.resolve import resolve_model
 
-        path = default_model_path()
-    p = Path(path).expanduser()
-    if p.is_file():  # e.g. --model .../config.json: say what to pass instead
-        raise CheckpointError(f"expected a model folder, got a file (pass its folder {p.parent})", file=str(p))
-    if not p.is_dir():
-        raise CheckpointError("model folder not found", file=str(p))
-    return p
+    if layers is not None and not isinstance(layers, range):
+        layers = range(min(layers), max(layers) + 1)
+    return resolve_model(path, layers)
 
 
 def quantize_model(model, quantization: dict | None, weights: dict) -> None:
@@ -48,6 +44,10 @@ def quantize_model(model, quantization: dict | None, weights: dict) -> None:
     if not quantization:
         return
     import mlx.nn as nn
+
+    from k2mlx.loading.formats.mlx import text_quantization
+
+    quantization = text_quantization(quantization)
 
     def predicate(p, m):
         if p in quantization:
@@ -106,19 +106,20 @@ def load_model(path=None, layers=None, dtype=None, lazy: bool = False, bits: int
     dequantization) on load; modules stored quantized keep their own codes."""
     import mlx.core as mx
 
-    from k2mlx.loading.checkpoint import is_needed, read_tensors, tensor_index
+    from k2mlx.loading.checkpoint import is_needed, mla_weights_of, read_tensors, tensor_index
     from k2mlx.loading.formats.compressed_tensors import load_quantization
     from k2mlx.loading.formats.mlx import quantize_weights, rule_quantization
     from k2mlx.loading.sanitize import sanitize
     from k2mlx.model.k2 import Model
 
-    path = _resolve(path)
+    path = _resolve(path, layers)
     config = load_config(path)
     args = load_args(path)
     if isinstance(dtype, str):
         dtype = getattr(mx, dtype)
-    model = Model(args, layers)
     index = tensor_index(path)
+    # the MLA weight layout (kv_b_proj, or mlx-lm's embed_q/unembed_out) is the checkpoint's
+    model = Model(args, layers, mla_weights=mla_weights_of(index, args, path))
     names = [n for n in index if is_needed(n, args, model.layer_range)]
     weights = sanitize(read_tensors(path, index, names), args)
     quantization = config.get("quantization") or args.quantization or load_quantization(config)
@@ -157,17 +158,14 @@ def _materialize(model) -> None:
 
 
 def load(path=None, layers=None, dtype=None, lazy: bool = False, **quantize):
-    """`model, tokenizer = load(path, layers=range(a, b))`; tokenizer None when the folder has
-    no `tiktoken.model` (or k2mlx.tokenizer is not available). `quantize`: bits, group_size,
-    class_bits, as in load_model."""
-    path = _resolve(path)
+    """`model, tokenizer = load(path, layers=range(a, b))`. path: a folder, a Hugging Face repo
+    id in the local cache, or None for the embedded k2-nano. A folder without a tokenizer
+    (`tiktoken.model`) is a CheckpointError naming the file, raised before any weight is read
+    (`load_model` loads the model alone). `quantize`: bits, group_size, class_bits, as in
+    load_model."""
+    from k2mlx.tokenizer import load_tokenizer
+
+    path = _resolve(path, layers)
+    tokenizer = load_tokenizer(path)  # first: a missing tokenizer fails before minutes of loading
     model = load_model(path, layers=layers, dtype=dtype, lazy=lazy, **quantize)
-    tokenizer = None
-    if (path / "tiktoken.model").exists():
-        try:
-            from k2mlx.tokenizer import load_tokenizer
-        except ImportError:
-            load_tokenizer = None
-        if load_tokenizer is not None:
-            tokenizer = load_tokenizer(path)
     return model, tokenizer

@@ -52,6 +52,25 @@ def tensor_index(path: str | Path) -> dict[str, str]:
     return out
 
 
+def mla_weights_of(index, args, path=None) -> str:
+    """How a checkpoint stores MLA's up-projection: "split" (mlx-lm's per-head
+    `self_attn.embed_q` / `unembed_out`) or "kv_b" (`self_attn.kv_b_proj`, the HF layout).
+    index: tensor names (a weight map or any iterable). A checkpoint mixing both is an error."""
+    split = kv_b = None
+    for name in index:
+        canon = canonical_name(name, args.num_hidden_layers)
+        if canon is None:
+            continue
+        if split is None and canon.endswith((".self_attn.embed_q.weight", ".self_attn.unembed_out.weight")):
+            split = name
+        elif kv_b is None and canon.endswith(".self_attn.kv_b_proj.weight"):
+            kv_b = name
+    if split and kv_b:
+        raise CheckpointError(f"the checkpoint mixes two MLA layouts ({split} and {kv_b})",
+                              file=str(Path(path) / INDEX_FILE) if path else None, tensor=split)
+    return "split" if split else "kv_b"
+
+
 def is_needed(name: str, args, layers: range) -> bool:
     """Whether the model holding `layers` uses the checkpoint tensor `name`."""
     canon = canonical_name(name, args.num_hidden_layers)

@@ -9,7 +9,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from k2mlx.model.lazy_mlx_lm import KVCache, create_attention_mask
+from k2mlx.mlxlm_adapter import KVCache, create_attention_mask
 
 from k2mlx.config import ModelArgs
 from k2mlx.model.mla import MLAttention
@@ -17,10 +17,10 @@ from k2mlx.model.moe import MLP, MoE
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int):
+    def __init__(self, args: ModelArgs, layer_idx: int, mla_weights: str = "kv_b"):
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn = MLAttention(args)
+        self.self_attn = MLAttention(args, mla_weights)
         self.mlp = MoE(args) if args.is_moe_layer(layer_idx) else MLP(args.hidden_size, args.intermediate_size)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
@@ -34,18 +34,20 @@ class K2Body(nn.Module):
     """Holds the `model.*` parameters; unowned layers are None placeholders so that owned
     ones keep their absolute index in parameter names."""
 
-    def __init__(self, args: ModelArgs, layer_range: range):
+    def __init__(self, args: ModelArgs, layer_range: range, mla_weights: str = "kv_b"):
         super().__init__()
         n = args.num_hidden_layers
         if layer_range.start == 0:
             self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [None] * layer_range.start + [DecoderLayer(args, i) for i in layer_range]
+        self.layers = [None] * layer_range.start + [DecoderLayer(args, i, mla_weights) for i in layer_range]
         if layer_range.stop == n:
             self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
 
 class Model(nn.Module):
-    def __init__(self, args: ModelArgs, layers: range | None = None):
+    def __init__(self, args: ModelArgs, layers: range | None = None, mla_weights: str = "kv_b"):
+        """mla_weights: how the checkpoint stores MLA's up-projection, "kv_b" (kv_b_proj, the
+        Hugging Face layout) or "split" (mlx-lm's embed_q / unembed_out); see model/mla.py."""
         super().__init__()
         n = args.num_hidden_layers
         if layers is None:
@@ -57,7 +59,8 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self._layer_range = layers
-        self.model = K2Body(args, layers)
+        self.mla_weights = mla_weights
+        self.model = K2Body(args, layers, mla_weights)
         if self.is_last:
             if args.tie_word_embeddings:
                 if not self.is_first:
@@ -128,12 +131,6 @@ class Model(nn.Module):
             raise ValueError(f"unknown attention form {form!r}")
         for layer in self.layers:
             layer.self_attn.attention_form = form
-
-    def sanitize(self, weights: dict) -> dict:
-        """mlx-lm convention: checkpoint tensors -> this model's parameter names."""
-        from k2mlx.loading.sanitize import sanitize
-
-        return sanitize(weights, self.args)
 
     @property
     def cast_predicate(self):

@@ -17,6 +17,13 @@ re-quantization, so a quantized kv_b_proj works as is: affine groups run along r
 axis `quantized_matmul` groups for both `x @ W_k` (transpose=False) and `x @ W_v^T`
 (transpose=True). (mlx-lm instead dequantizes kv_b and re-quantizes W_k^T along nope, which
 adds a second rounding.)
+
+Checkpoints written by a current mlx-lm store those two halves already split per head:
+`self_attn.embed_q` [H, r, nope] (the key half transposed, grouped along nope when quantized)
+and `self_attn.unembed_out` [H, v, r] (the value half, grouped along r). With
+`weights="split"` the module holds them as `PerHeadLinear`s and runs on the stored matrices as
+they are (never dequantized and re-quantized); absorbed attention is exactly that form, and
+the expanded form gets per-head keys and values from the same two matrices.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from k2mlx.model.lazy_mlx_lm import create_causal_mask
+from k2mlx.mlxlm_adapter import create_causal_mask
 
 from k2mlx.config import ModelArgs
 from k2mlx.model.rope import YarnRoPE, softmax_scale
@@ -40,8 +47,52 @@ def _has_qmm_no_transpose() -> bool:
     return not on_cuda
 
 
+# the two ways a checkpoint stores MLA's up-projection (see the module docstring)
+MLA_WEIGHTS = ("kv_b", "split")
+
+
+class PerHeadLinear(nn.Module):
+    """One matrix per head, weight [H, out, in]: `x @ W^T` (transpose) or `x @ W`, batched over
+    the head axis (x [..., H or 1, L, in or out]). mlx-lm's `embed_q` / `unembed_out` layout."""
+
+    def __init__(self, num_heads: int, output_dims: int, input_dims: int):
+        super().__init__()
+        scale = (1.0 / input_dims) ** 0.5
+        self.weight = mx.random.uniform(-scale, scale, (num_heads, output_dims, input_dims))
+
+    def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
+        return x @ (self.weight.swapaxes(-1, -2) if transpose else self.weight)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
+        return QuantizedPerHeadLinear(self.weight, group_size, bits, mode)
+
+
+class QuantizedPerHeadLinear(nn.Module):
+    """`PerHeadLinear` with MLX-quantized weights (groups along the last axis, `in`)."""
+
+    def __init__(self, weight: mx.array, group_size: int, bits: int, mode: str = "affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        # lazy: the loader replaces these with the checkpoint's own codes before evaluation
+        self.weight, self.scales, *biases = mx.quantize(weight, group_size, bits, mode=mode)
+        if biases:
+            self.biases = biases[0]
+        self.freeze()
+
+    def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
+        if not transpose and not _has_qmm_no_transpose():
+            # no transpose=False quantized matmul on MLX's CUDA backend: dequantize (exact)
+            w = mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size,
+                              bits=self.bits, mode=self.mode)
+            return x @ w.astype(x.dtype)
+        return mx.quantized_matmul(x, self.weight, self.scales, self.get("biases"), transpose=transpose,
+                                   group_size=self.group_size, bits=self.bits, mode=self.mode)
+
+
 class MLAttention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, weights: str = "kv_b"):
+        """weights: "kv_b" (one kv_b_proj linear, the Hugging Face layout) or "split"
+        (mlx-lm's per-head embed_q / unembed_out)."""
         super().__init__()
         self.num_heads = H = args.num_attention_heads
         self.q_lora_rank = args.q_lora_rank
@@ -60,9 +111,16 @@ class MLAttention(nn.Module):
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.q_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = nn.RMSNorm(self.kv_lora_rank, eps=1e-6)
-        self.kv_b_proj = nn.Linear(
-            self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False
-        )
+        if weights not in MLA_WEIGHTS:
+            raise ValueError(f"unknown MLA weight layout {weights!r}")
+        self.weights_layout = weights
+        if weights == "kv_b":
+            self.kv_b_proj = nn.Linear(
+                self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+            )
+        else:
+            self.embed_q = PerHeadLinear(H, self.kv_lora_rank, self.qk_nope_head_dim)  # [H, r, nope]
+            self.unembed_out = PerHeadLinear(H, self.v_head_dim, self.kv_lora_rank)  # [H, v, r]
         self.o_proj = nn.Linear(H * self.v_head_dim, hidden, bias=bias)
 
         self.rope = YarnRoPE(
@@ -100,6 +158,8 @@ class MLAttention(nn.Module):
 
     def _through_k(self, x: mx.array) -> mx.array:
         """x [B, H, L, nope] @ W_k [H, nope, r] -> [B, H, L, r]: queries into latent space."""
+        if self.weights_layout == "split":
+            return self.embed_q(x)  # embed_q is W_k^T: x @ embed_q^T
         k, _, q = self._halves()
         if q is None:
             return x @ k[0]
@@ -115,6 +175,8 @@ class MLAttention(nn.Module):
 
     def _through_v(self, x: mx.array) -> mx.array:
         """x [B, H, L, r] @ W_v^T, W_v [H, v, r] -> [B, H, L, v]: latent output to values."""
+        if self.weights_layout == "split":
+            return self.unembed_out(x)  # unembed_out is W_v itself
         _, v, q = self._halves()
         if q is None:
             return x @ v[0].swapaxes(-1, -2)
@@ -167,9 +229,13 @@ class MLAttention(nn.Module):
     def _attend_expanded(self, q_nope, q_pe, latent, k_pe, mask):
         B, H, L, _ = q_nope.shape
         T = latent.shape[2]
-        kv = self.kv_b_proj(latent[:, 0])  # [B, T, H * (nope + v)]
-        kv = kv.reshape(B, T, H, -1).transpose(0, 2, 1, 3)  # [B, H, T, nope + v]
-        k_nope, values = mx.split(kv, [self.qk_nope_head_dim], axis=-1)
+        if self.weights_layout == "split":
+            k_nope = self.embed_q(latent, transpose=False)  # [B, 1, T, r] @ [H, r, nope]
+            values = self.unembed_out(latent)  # [B, H, T, v]
+        else:
+            kv = self.kv_b_proj(latent[:, 0])  # [B, T, H * (nope + v)]
+            kv = kv.reshape(B, T, H, -1).transpose(0, 2, 1, 3)  # [B, H, T, nope + v]
+            k_nope, values = mx.split(kv, [self.qk_nope_head_dim], axis=-1)
         k_pe = mx.broadcast_to(k_pe, (B, H, T, self.qk_rope_head_dim))
         keys = mx.concatenate([k_nope, k_pe], axis=-1)  # [B, H, T, nope + rope]
         queries = mx.concatenate([q_nope, q_pe], axis=-1)  # [B, H, L, nope + rope]

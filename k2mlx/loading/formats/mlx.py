@@ -52,6 +52,21 @@ def get_quantization(config: dict) -> dict | None:
     return q
 
 
+def text_quantization(quantization: dict | None) -> dict | None:
+    """A `quantization` whose per-module keys use the text model's own paths: K2.5-family
+    checkpoints (model_type kimi_k25) key them under `language_model.`; entries of the dropped
+    vision tower go."""
+    if not quantization:
+        return quantization
+    out = {}
+    for k, v in quantization.items():
+        if k.startswith("language_model."):
+            out.setdefault(k[len("language_model."):], v)
+        elif not k.startswith(("vision_tower.", "vision_model.", "mm_projector.", "multi_modal_projector.")):
+            out[k] = v
+    return out
+
+
 def module_params(quantization: dict | None, path: str):
     """Quantization of one module: {'bits', 'group_size', 'mode'} or None to keep it float."""
     if not quantization:
