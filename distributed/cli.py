@@ -16,17 +16,12 @@ from pathlib import Path
 
 from k2mlx.errors import ClusterError, ConfigError
 
-from .hosts import ClusterSpec, free_port, load_cluster_file, parse_hosts, pick_port
+from . import state as cstate
+from .hosts import ClusterSpec, free_port, load_cluster_file, parse_hosts, pick_port, use_doorbells
 
 # argparse fields never forwarded to rank 0
 _DROP = {"hosts", "_module", "preloaded", "on_engine", "copy_model", "backend", "deadline",
          "layers_split", "state", "foreground", "cluster_command", "wait"}
-
-
-def state_dir() -> Path:
-    d = Path(os.environ.get("K2MLX_STATE_DIR") or Path.home() / ".k2mlx")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def ssh_opts() -> list[str]:
@@ -63,15 +58,20 @@ def prepare(args, command: str, log=print) -> tuple[ClusterSpec, list]:
     if getattr(args, "backend", "ring") == "jaccl" and not file.get("rdma"):
         raise ClusterError("--backend jaccl needs a cluster file with the 'rdma' device lists "
                            "(see `mlx.distributed_config --backend jaccl`)")
+    if command == "serve":
+        refuse_duplicate([h.address for h in hosts], args.port)
     model = resolve_model(getattr(args, "model", None))
-    ring_ports = [pick_port(h, i) for i, h in enumerate(hosts)]
+    slot = free_slot(hosts)
+    ring_ports = [pick_port(h, i, slot) for i, h in enumerate(hosts)]
     while len(set(ring_ports)) < len(ring_ports):
         ring_ports = [free_port("127.0.0.1") for _ in hosts]
-    hb = pick_port(hosts[0], len(hosts))
-    bells = [pick_port(h, len(hosts) + 1 + i) for i, h in enumerate(hosts)]
-    while len(set(bells + ring_ports + [hb])) < 2 * len(hosts) + 1:
-        bells = [free_port("127.0.0.1") for _ in hosts]
-    ports = [(r, p) for r, p in enumerate(ring_ports)] + [(0, hb)] + list(enumerate(bells))
+    hb = pick_port(hosts[0], len(hosts), slot)
+    bells = None
+    if use_doorbells(hosts, getattr(args, "backend", "ring") or "ring"):
+        bells = [pick_port(h, len(hosts) + 1 + i, slot) for i, h in enumerate(hosts)]
+        while len(set(bells + ring_ports + [hb])) < 2 * len(hosts) + 1:
+            bells = [free_port("127.0.0.1") for _ in hosts]
+    ports = [(r, p) for r, p in enumerate(ring_ports)] + [(0, hb)] + list(enumerate(bells or []))
     if command == "serve":
         ports.append((0, args.port))
     log(f"preflight: {len(hosts)} hosts")
@@ -97,6 +97,30 @@ def prepare(args, command: str, log=print) -> tuple[ClusterSpec, list]:
     for r, (a, b) in enumerate(layers):
         log(f"rank {r} {hosts[r]}: layers {a}..{b - 1}")
     return spec, reports
+
+
+def refuse_duplicate(addresses: list[str], port: int) -> None:
+    """A second server on the same hosts and port is refused here, before any preflight, with
+    the way out (a port clash found later by preflight would not say that a cluster holds it)."""
+    for _, st in cstate.find(hosts=addresses, port=port):
+        raise ClusterError(f"a cluster is already running on {','.join(st.get('hosts') or addresses)} "
+                           f"port {port} ({st.get('url')}, launcher pid {st.get('launcher_pid')}): "
+                           "use it, or stop it first with `k2mlx cluster down`")
+
+
+def free_slot(hosts) -> int:
+    """The first remote port range (hosts.remote_port) that no live cluster holds on these hosts."""
+    from .hosts import remote_port
+
+    remote = {h.address for h in hosts if not h.is_local}
+    if not remote:
+        return 0
+    used = cstate.ports_in_use(remote)
+    n = 2 * len(hosts) + 1
+    for slot in range(64):
+        if not used & {remote_port(i, slot) for i in range(n)}:
+            return slot
+    raise ClusterError("every remote port range is held by a running cluster; stop one first")
 
 
 def _is_repo(model: str) -> bool:
@@ -158,16 +182,30 @@ def _jsonable(v) -> bool:
 
 
 def run_on_cluster(args, command: str) -> int:
-    """Foreground: `k2mlx generate|serve --hosts ...`."""
+    """Foreground: `k2mlx generate|serve --hosts ...`. The cluster claims its own state file
+    (see state.py) and removes it when it ends: it never touches another cluster's."""
     from .launch import Launcher
 
     quiet = command == "generate"
     log = (lambda m: print(f"k2mlx cluster: {m}", file=sys.stderr, flush=True))
     spec, _ = prepare(args, command, log=(lambda m: None) if quiet else log)
-    state = getattr(args, "state", None) or str(state_dir() / "cluster.json")
-    launcher = Launcher(spec, state_path=state, ssh_opts=ssh_opts())
-    launcher.state_extra = {"command": command, "url": _url(args, spec) if command == "serve" else None}
-    return launcher.run()
+    addresses = [h["address"] for h in spec.hosts]
+    port = args.port if command == "serve" else int(spec.heartbeat.rsplit(":", 1)[1])
+    extra = {"command": command, "url": _url(args, spec) if command == "serve" else None,
+             "http_port": args.port if command == "serve" else None}
+    path = getattr(args, "state", None)
+    claimed = None
+    if path is None:
+        claimed = cstate.claim(cstate.cluster_key(addresses, port),
+                               {"launcher_pid": os.getpid(), "addresses": addresses, "ranks": [], **extra})
+        path = str(claimed)
+    launcher = Launcher(spec, state_path=path, ssh_opts=ssh_opts())
+    launcher.state_extra = extra
+    try:
+        return launcher.run()
+    finally:
+        if claimed is not None:  # the launcher has stopped every rank by now
+            claimed.unlink(missing_ok=True)
 
 
 def _url(args, spec) -> str:

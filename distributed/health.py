@@ -15,7 +15,9 @@ peer is gone cannot make progress, and exiting is the only way to free a thread 
 """
 from __future__ import annotations
 
+import hmac
 import json
+import logging
 import os
 import resource
 import select
@@ -30,6 +32,53 @@ from k2mlx.errors import ClusterError
 from .hosts import ClusterSpec
 
 EXIT_CLUSTER = 3
+MAX_LINE = 64 * 1024   # a heartbeat is ~200 bytes; anything near this is not one of ours
+HELLO_S = 5.0          # a new connection must say hello within this (slow senders are dropped)
+MAX_PENDING = 32       # connections that have not said hello yet; more are refused at once
+
+log = logging.getLogger("k2mlx.distributed.health")
+
+
+class BadMessage(ValueError):
+    """A line on the heartbeat port that is not a valid message: the connection is dropped."""
+
+
+def _int(v, lo: int, hi: int) -> int:
+    # bool is an int in Python; `"rank": true` is not a rank
+    if type(v) is not int or not lo <= v <= hi:
+        raise BadMessage(f"bad rank {v!r}")
+    return v
+
+
+def check_hub_message(m, size: int) -> dict:
+    """What a rank (or `cluster status`) may send to rank 0's hub; raises BadMessage."""
+    if not isinstance(m, dict) or not isinstance(m.get("t"), str):
+        raise BadMessage("not a message object")
+    kind = m["t"]
+    if kind == "hello":
+        if not isinstance(m.get("token"), str):
+            raise BadMessage("hello without a token")
+        if m.get("status") is not True:
+            _int(m.get("rank"), 1, size - 1)
+    elif kind == "error":
+        if not isinstance(m.get("msg", ""), str):
+            raise BadMessage("error message is not text")
+    elif kind != "hb":
+        raise BadMessage(f"unknown message type {kind[:20]!r}")
+    if "mem" in m and not isinstance(m["mem"], dict):
+        raise BadMessage("mem is not an object")
+    return m
+
+
+def check_peer_message(m, size: int) -> dict:
+    """What rank 0's hub may send to a rank; raises BadMessage."""
+    if not isinstance(m, dict) or m.get("t") not in ("hb", "abort", "bye"):
+        raise BadMessage("not a hub message")
+    if m["t"] == "abort":
+        _int(m.get("rank", 0), 0, size - 1)
+        if not isinstance(m.get("msg", ""), str):
+            raise BadMessage("abort message is not text")
+    return m
 
 
 def memory_info() -> dict:
@@ -53,7 +102,7 @@ class _Conn:
         self.sock = sock
         self.buf = b""
         self.rank: int | None = None
-        self.last = time.monotonic()
+        self.last = self.opened = time.monotonic()
 
     def send(self, msg: dict) -> bool:
         try:
@@ -63,8 +112,9 @@ class _Conn:
         except OSError:
             return False
 
-    def read(self) -> list[dict] | None:
-        """Messages available now; None when the peer closed the connection."""
+    def read(self) -> list | None:
+        """Messages available now (parsed JSON, not yet validated); None when the peer closed
+        the connection. Raises BadMessage on a line that is not JSON or is too long."""
         try:
             data = self.sock.recv(65536)
         except (BlockingIOError, socket.timeout):
@@ -75,12 +125,14 @@ class _Conn:
             return None
         self.buf += data
         *lines, self.buf = self.buf.split(b"\n")
+        if len(self.buf) > MAX_LINE or any(len(line) > MAX_LINE for line in lines):
+            raise BadMessage(f"line longer than {MAX_LINE} bytes")
         out = []
         for line in lines:
             try:
                 out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise BadMessage("not JSON") from None
         self.last = time.monotonic()
         return out
 
@@ -116,7 +168,8 @@ class Health:
             host, port = self.spec.heartbeat.rsplit(":", 1)
             self._listener = socket.create_server((host, int(port)), reuse_port=False)
             self._listener.setblocking(False)
-        self._thread = threading.Thread(target=target, name="k2mlx-health", daemon=True)
+        self._thread = threading.Thread(target=self._guarded, args=(target,), name="k2mlx-health",
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -163,8 +216,8 @@ class Health:
         for fn in self.callbacks:
             try:
                 fn(err)
-            except Exception as e:  # a callback must not keep the process alive
-                print(f"k2mlx: failure callback raised {e!r}", file=sys.stderr, flush=True)
+            except Exception:  # a callback must not keep the process alive
+                log.exception("a cluster-failure callback raised")
         if self.exit_on_failure if exit_now is None else exit_now:
             sys.stderr.flush()
             os._exit(EXIT_CLUSTER)
@@ -196,16 +249,30 @@ class Health:
         # The launcher is our parent; if it dies we are re-parented (macOS has no PDEATHSIG).
         return os.getppid() != self._ppid
 
+    def _guarded(self, body: Callable[[], None]) -> None:
+        """The health thread's own death is a cluster failure: without it a dead peer would go
+        unnoticed, so it must not end quietly."""
+        try:
+            body()
+        except BaseException as e:  # noqa: BLE001  (the thread ends either way: say why)
+            if self.stopping or self.error is not None:  # an orderly stop closed our sockets
+                return
+            log.exception("health monitor of rank %d crashed", self.rank)
+            self.fail(f"the health monitor crashed ({type(e).__name__}: {e})", self.rank)
+
+    def _drop(self, conn: _Conn, pending: list[_Conn], why: str) -> None:
+        log.warning("heartbeat port: dropped a connection from %s: %s", _peer_name(conn), why)
+        if conn in pending:
+            pending.remove(conn)
+        conn.close()
+
     def _hub(self) -> None:
         pending: list[_Conn] = []
         interval, deadline = self.spec.interval_s, self.spec.deadline_s
         next_beat = 0.0
         while not self.stopping and self.error is None:
             socks = [self._listener] + [c.sock for c in pending] + [c.sock for c in self.peers.values()]
-            try:
-                readable, _, _ = select.select(socks, [], [], interval / 2)
-            except (OSError, ValueError):
-                readable = []
+            readable, _, _ = select.select(socks, [], [], interval / 2)
             for s in readable:
                 if s is self._listener:
                     try:
@@ -213,12 +280,25 @@ class Health:
                     except OSError:
                         continue
                     sock.setblocking(False)
-                    pending.append(_Conn(sock))
+                    conn = _Conn(sock)
+                    if len(pending) >= MAX_PENDING:  # a flood must not starve the real ranks
+                        self._drop(conn, pending, "too many connections without a hello")
+                    else:
+                        pending.append(conn)
                     continue
                 conn = next((c for c in pending + list(self.peers.values()) if c.sock is s), None)
                 if conn is None:
                     continue
-                msgs = conn.read()
+                try:
+                    msgs = conn.read()
+                    if msgs is not None:
+                        msgs = [check_hub_message(m, self.spec.size) for m in msgs]
+                except BadMessage as e:
+                    if conn in pending:
+                        self._drop(conn, pending, str(e))
+                    elif not self.stopping:
+                        self.fail(f"sent a malformed heartbeat message ({e})", conn.rank)
+                    continue
                 if msgs is None:
                     if conn in pending:
                         pending.remove(conn)
@@ -227,8 +307,12 @@ class Health:
                         self.fail("connection closed (the process died or its host went away)", conn.rank)
                     continue
                 for m in msgs:
+                    if conn.sock.fileno() < 0:  # dropped by an earlier message of this batch
+                        break
                     self._hub_message(conn, m, pending)
             now = time.monotonic()
+            for c in [c for c in pending if now - c.opened > HELLO_S]:
+                self._drop(c, pending, f"no hello within {HELLO_S:.0f} s")
             if now >= next_beat:
                 next_beat = now + interval
                 for r, c in list(self.peers.items()):
@@ -241,18 +325,22 @@ class Health:
                 self.fail("the launcher exited", 0)
 
     def _hub_message(self, conn: _Conn, m: dict, pending: list[_Conn]) -> None:
-        kind = m.get("t")
+        kind = m["t"]
         if kind == "hello":
-            if m.get("token") != self.spec.token:
-                pending.remove(conn)
-                conn.close()
+            if conn not in pending:  # a rank says hello once
                 return
-            if m.get("status"):  # `cluster status` asking, not a rank
+            if not hmac.compare_digest(m["token"].encode(), self.spec.token.encode()):
+                self._drop(conn, pending, "wrong token")
+                return
+            if m.get("status") is True:  # `cluster status` asking, not a rank
                 conn.send({"t": "status", **self.snapshot()})
                 pending.remove(conn)
                 conn.close()
                 return
-            r = int(m["rank"])
+            r = m["rank"]
+            if r in self.peers:
+                self._drop(conn, pending, f"rank {r} is already connected")
+                return
             conn.rank = r
             pending.remove(conn)
             with self._lock:
@@ -260,10 +348,12 @@ class Health:
                 self.status[r] = m
             if len(self.peers) == self.spec.size - 1:
                 self.ready.set()
-        elif kind == "hb" and conn.rank is not None:
+        elif conn.rank is None:  # anything before a valid hello
+            self._drop(conn, pending, f"{kind!r} before hello")
+        elif kind == "hb":
             self.status[conn.rank] = m
-        elif kind == "error" and conn.rank is not None:
-            self.fail(m.get("msg", "failed"), conn.rank)
+        elif kind == "error":
+            self.fail(m.get("msg") or "failed", conn.rank)
 
     def _peer(self) -> None:
         host, port = self.spec.heartbeat.rsplit(":", 1)
@@ -285,24 +375,28 @@ class Health:
         self.ready.set()
         next_beat = 0.0
         while self.error is None:
-            try:
-                readable, _, _ = select.select([sock], [], [], interval / 2)
-            except (OSError, ValueError):
-                readable = []
+            readable, _, _ = select.select([sock], [], [], interval / 2)
             if readable:
-                msgs = conn.read()
+                try:
+                    msgs = conn.read()
+                    if msgs is not None:
+                        msgs = [check_peer_message(m, self.spec.size) for m in msgs]
+                except BadMessage as e:
+                    self.fail(f"rank 0's hub sent a malformed message ({e})", 0)
+                    return
                 if msgs is None:
                     if self.stopping:
                         return
                     self.fail("connection to rank 0 closed (rank 0 died or its host went away)", 0)
                     return
                 for m in msgs:
-                    if m.get("t") == "abort":
-                        self.fail(m.get("msg", "failed"), int(m.get("rank", 0)))
+                    if m["t"] == "abort":
+                        self.fail(m.get("msg") or "failed", m.get("rank", 0))
                         return
-                    if m.get("t") == "bye":  # orderly shutdown from rank 0
+                    if m["t"] == "bye":  # orderly shutdown from rank 0
                         self.stopping = True
-                        os._exit(0) if self.exit_on_failure else None
+                        if self.exit_on_failure:
+                            os._exit(0)
                         return
             now = time.monotonic()
             if now >= next_beat:
@@ -324,6 +418,13 @@ class Health:
             c.send({"t": "error", "msg": message})
 
 
+def _peer_name(conn: _Conn) -> str:
+    try:
+        return "%s:%s" % conn.sock.getpeername()[:2]
+    except OSError:
+        return "a closed socket"
+
+
 def report_to_launcher(err: ClusterError, by_rank: int) -> None:
     """Tell the launcher which rank really failed (it only sees who exited first)."""
     info = json.dumps({"rank": err.rank, "host": err.host, "msg": str(err), "by": by_rank})
@@ -335,7 +436,7 @@ def report_to_launcher(err: ClusterError, by_rank: int) -> None:
         elif os.environ.get("K2MLX_ERROR_TAG"):  # remote rank: stdout goes through ssh
             print(f"K2MLX_ERROR {info}", flush=True)
     except OSError:
-        pass
+        log.exception("cannot tell the launcher which rank failed")
 
 
 def query_status(address: str, token: str, timeout: float = 3.0) -> dict:
@@ -344,9 +445,12 @@ def query_status(address: str, token: str, timeout: float = 3.0) -> dict:
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
         s.sendall(json.dumps({"t": "hello", "status": True, "token": token}).encode() + b"\n")
         buf = b""
-        while not buf.endswith(b"\n"):
+        while not buf.endswith(b"\n") and len(buf) < 16 * MAX_LINE:
             chunk = s.recv(65536)
             if not chunk:
                 break
             buf += chunk
-    return json.loads(buf)
+    snap = json.loads(buf)
+    if not isinstance(snap, dict) or not isinstance(snap.get("ranks"), list):
+        raise ValueError("the health hub answered something that is not a status")
+    return snap

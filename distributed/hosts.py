@@ -33,7 +33,11 @@ class Host:
 
     @property
     def is_local(self) -> bool:
-        """Loopback, or an address of this machine (then no ssh is needed)."""
+        """Loopback, or an address of this machine, given without a user or ssh port: then no
+        ssh is needed. `user@127.0.0.1:2222` names an ssh login (a container, a tunnel) and is
+        reached over ssh like any other host, never started here with its user and port dropped."""
+        if self.user is not None or self.ssh_port is not None:
+            return False
         try:
             if ipaddress.ip_address(self.address).is_loopback:
                 return True
@@ -61,10 +65,12 @@ def parse_host(text: str) -> Host:
     user = None
     if "@" in text:
         user, text = text.split("@", 1)
+        if not user or not text:
+            raise ConfigError(f"bad host '{user}@{text}' in --hosts (want [user@]address[:ssh_port])")
     port = None
     if text.count(":") == 1:  # host:ssh_port (an IPv6 address has several colons)
         text, p = text.split(":")
-        if not p.isdigit():
+        if not p.isdigit() or not 0 < int(p) < 65536:
             raise ConfigError(f"bad ssh port in host '{text}:{p}'")
         port = int(p)
     try:
@@ -100,20 +106,35 @@ def load_cluster_file(path: str) -> dict:
     return data
 
 
+def use_doorbells(hosts: list[Host], backend: str) -> bool:
+    """Decided once, at launch: doorbell sockets beside MLX's ring (see pipeline.Link.open_bells).
+
+    They help only where a waiting rank's busy-polling recv steals CPU from a computing rank:
+    ranks sharing one host (measured in docs/BENCHMARKS.md, "Doorbells"). Ranks on separate
+    hosts poll their own idle cores, so the extra TCP round per message is pure cost, and JACCL
+    (RDMA) has no polling ring recv to work around. `K2MLX_DOORBELL=1|0` forces it (benchmarks)."""
+    forced = os.environ.get("K2MLX_DOORBELL")
+    if forced in ("0", "1"):
+        return forced == "1" and backend == "ring"
+    addresses = [h.address for h in hosts]
+    return backend == "ring" and len(set(addresses)) < len(addresses)
+
+
 def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((address, 0))
         return s.getsockname()[1]
 
 
-def remote_port(i: int) -> int:
+def remote_port(i: int, slot: int = 0) -> int:
     """Ports on another host cannot be picked from here: a fixed range (K2MLX_BASE_PORT,
-    default 47310), which preflight checks is free there."""
-    return int(os.environ.get("K2MLX_BASE_PORT", "47310")) + i
+    default 47310), which preflight checks is free there. `slot` k moves the range by 64*k,
+    for a second cluster on the same hosts (see state.ports_in_use)."""
+    return int(os.environ.get("K2MLX_BASE_PORT", "47310")) + 64 * slot + i
 
 
-def pick_port(host: Host, i: int) -> int:
-    return free_port(host.address) if host.is_local else remote_port(i)
+def pick_port(host: Host, i: int, slot: int = 0) -> int:
+    return free_port(host.address) if host.is_local else remote_port(i, slot)
 
 
 def port_is_free(address: str, port: int) -> bool:

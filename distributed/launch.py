@@ -22,7 +22,7 @@ import time
 from k2mlx.errors import ClusterError
 
 from .health import EXIT_CLUSTER
-from .hosts import ClusterSpec, Host, free_port, pick_port
+from .hosts import ClusterSpec, Host, free_port, pick_port, use_doorbells
 
 PID_TAG = "K2MLX_PID"
 ERROR_TAG = "K2MLX_ERROR"
@@ -68,7 +68,8 @@ def make_spec(hosts: list[Host], model: str | None, role: str, role_args: dict |
                for h in hosts],
         layers=layers,
         heartbeat=f"{h0}:{heartbeat_port or pick_port(hosts[0], len(hosts))}",
-        ring_ports=ring_ports, bell_ports=bell_ports or _ports(hosts, avoid=ring_ports), backend=backend, model=model, role=role,
+        ring_ports=ring_ports, backend=backend, model=model, role=role,
+        bell_ports=(bell_ports or _ports(hosts, avoid=ring_ports)) if use_doorbells(hosts, backend) else None,
         role_args=role_args or {}, deadline_s=deadline_s, token=secrets.token_hex(8))
 
 
@@ -133,19 +134,28 @@ class Launcher:
         return self
 
     def write_state(self, **extra) -> None:
-        """JSON with every rank's pid (for `cluster status/down` and the tests)."""
+        """JSON with every rank's pid (for `cluster status/down` and the tests); see state.py."""
         if not self.state_path:
             return
-        state = {"launcher_pid": os.getpid(), "heartbeat": self.spec.heartbeat,
-                 "token": self.spec.token, "layers": self.spec.layers, "model": self.spec.model,
-                 "ranks": [{"rank": rp.rank, "host": str(rp.host), "address": rp.host.address,
-                            "pid": rp.popen.pid, "remote_pid": rp.remote_pid} for rp in self.procs],
-                 **self.state_extra, **extra}
+        from pathlib import Path
+
+        from . import state as cstate
+
+        sp = self.spec
+        ports: dict[str, list[int]] = {}
+        for r, h in enumerate(sp.hosts):
+            ports.setdefault(h["address"], []).extend(
+                [sp.ring_ports[r]] + ([sp.bell_ports[r]] if sp.bell_ports else []))
+        ports.setdefault(sp.hosts[0]["address"], []).append(int(sp.heartbeat.rsplit(":", 1)[1]))
+        st = {"launcher_pid": os.getpid(), "heartbeat": sp.heartbeat, "token": sp.token,
+              "layers": sp.layers, "model": sp.model, "hosts": [str(sp.host(r)) for r in range(sp.size)],
+              "addresses": [h["address"] for h in sp.hosts], "ports": ports,
+              "ranks": [{"rank": rp.rank, "host": str(rp.host), "address": rp.host.address,
+                         "local": rp.host.is_local, "user": rp.host.user, "ssh_port": rp.host.ssh_port,
+                         "pid": rp.popen.pid, "remote_pid": rp.remote_pid} for rp in self.procs],
+              **self.state_extra, **extra}
         self.state_extra.update(extra)
-        tmp = f"{self.state_path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f, indent=1)
-        os.replace(tmp, self.state_path)
+        cstate.write(Path(self.state_path), st)
 
     def _start(self) -> None:
         import tempfile
@@ -154,6 +164,8 @@ class Launcher:
         for rank in range(self.spec.size):
             host = self.spec.host(rank)
             env = {**self.spec.rank_env(rank), **self.extra_env}
+            if os.environ.get("K2MLX_LOG_LEVEL"):  # remote ranks get only what is exported
+                env.setdefault("K2MLX_LOG_LEVEL", os.environ["K2MLX_LOG_LEVEL"])
             err_file = None
             if host.is_local:
                 err_file = os.path.join(self._tmp, f"rank{rank}.error.json")

@@ -20,6 +20,7 @@ so while the last stage works on A, rank 0 already computes B. Results come back
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from collections import deque
@@ -34,6 +35,7 @@ from .remote_cache import OpLog, RemoteCache, apply_ops
 
 OP_FORWARD, OP_STOP, OP_STATS = 1, 2, 3
 FLAG_LAST_ONLY = 1
+log = logging.getLogger("k2mlx.distributed.pipeline")
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
 
@@ -86,6 +88,7 @@ class Link:
         self.bell_out, self.bell_in = out, inn
 
     def _fail(self, e: Exception, peer: int) -> ClusterError:
+        log.error("rank %d: send/recv with rank %d failed", self.rank, peer, exc_info=e)
         # The peer's sockets closed. The health thread names the real culprit (in a longer
         # pipeline the dead rank may not be our neighbour); give it a moment to decide.
         if self.health is not None:
@@ -187,7 +190,7 @@ class PipelineModel:
         raise ValueError(f"layer {layer} belongs to no rank")
 
     def make_cache(self) -> list:
-        from mlx_lm.models.cache import KVCache
+        from k2mlx.mlxlm_adapter import KVCache
 
         local = self.model.make_cache()
         a0, b0 = self.layers[0]

@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import signal
 import sys
 import tempfile
-import traceback
 
 from k2mlx.errors import ClusterError, K2Error
+
+log = logging.getLogger("k2mlx.distributed.rank")
+
+
+def setup_logging() -> None:
+    """A rank's log goes to its stderr (the launcher prefixes it with the rank); the level comes
+    from K2MLX_LOG_LEVEL, which the launcher passes on (default: warnings and errors)."""
+    level = os.environ.get("K2MLX_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.WARNING), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def die_with_parent() -> None:
@@ -29,31 +39,43 @@ def die_with_parent() -> None:
             pass
 
 
+def _private_file(prefix: str, text: str) -> str:
+    """A file only this user can read, created exclusively (mkstemp: O_EXCL, mode 0600)."""
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
 def init_group(spec, rank: int):
     import mlx.core as mx
 
     if spec.size == 1:
         return mx.distributed.init()
+    files = []  # MLX reads them during init only: removed right after, whatever happens
     if spec.backend == "ring":
-        fd, path = tempfile.mkstemp(prefix="k2mlx-ring-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            f.write(spec.ring_hostfile())
-        os.environ["MLX_HOSTFILE"] = path
+        files.append(_private_file("k2mlx-ring-", spec.ring_hostfile()))
+        os.environ["MLX_HOSTFILE"] = files[-1]
     elif spec.backend == "jaccl":
         if not spec.rdma:
             raise ClusterError("the jaccl backend needs the RDMA devices of every pair: put the "
                                "'rdma' lists from `mlx.distributed_config --backend jaccl` in a "
                                "cluster file", rank=rank)
-        fd, path = tempfile.mkstemp(prefix="k2mlx-ibv-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(spec.rdma))
-        os.environ["MLX_IBV_DEVICES"] = path
+        files.append(_private_file("k2mlx-ibv-", json.dumps(spec.rdma)))
+        os.environ["MLX_IBV_DEVICES"] = files[-1]
     os.environ["MLX_RANK"] = str(rank)
     try:
         group = mx.distributed.init(strict=True, backend=spec.backend)
     except RuntimeError as e:
+        log.exception("rank %d: joining the %s group failed", rank, spec.backend)
         raise ClusterError(f"cannot join the {spec.backend} group: {e}",
                            host=str(spec.host(rank)), rank=rank) from None
+    finally:
+        for path in files:
+            try:
+                os.unlink(path)
+            except OSError:
+                log.exception("cannot remove %s", path)
     if group.size() != spec.size:
         raise ClusterError(f"group has {group.size()} ranks, expected {spec.size}", rank=rank)
     return group
@@ -78,6 +100,7 @@ def main() -> int:
     from .pipeline import Link, PipelineModel, worker_loop
 
     die_with_parent()
+    setup_logging()
     spec = ClusterSpec.from_env()
     if spec is None:
         print("k2mlx.distributed.rank: K2MLX_CLUSTER is not set (start ranks with the launcher)",
@@ -110,11 +133,12 @@ def main() -> int:
         return 0
     except K2Error as e:
         health.report_error(str(e))
+        log.debug("rank %d stopped", rank, exc_info=True)
         print(f"k2mlx rank {rank}: error: {e}", file=sys.stderr, flush=True)
         return getattr(e, "exit_code", 1)
     except Exception as e:
         health.report_error(f"{type(e).__name__}: {e}")
-        traceback.print_exc()
+        log.exception("rank %d failed", rank)
         return 1
 
 

@@ -61,9 +61,9 @@ class RemoteCache:
 
     # -- helpers ------------------------------------------------------------------------------
     def _wrap(self, value: Any) -> Any:
-        from mlx_lm.models.cache import _BaseCache
+        from k2mlx.mlxlm_adapter import is_layer_cache
 
-        if isinstance(value, _BaseCache):
+        if is_layer_cache(value):
             return RemoteCache(value, self._rank, self._log)
         return value
 

@@ -48,8 +48,6 @@ def batched_cache_ops(pipe, tokenizer, *, prompts: list[list[int]], out: str, fu
     sequence (extend), rewind (trim), keep a prefix copy (deepcopy). Saves all logits."""
     import copy
 
-    from mlx_lm.models.cache import KVCache  # noqa: F401  (merge lives on the cache classes)
-
     res: dict[str, np.ndarray] = {}
     pipe.full_logits = full_logits
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
-from pathlib import Path
 from typing import AsyncIterator, Optional
 
 from k2mlx.engine.events import (Done, ReasoningDelta, TextDelta, Timings, ToolCallArgsDelta, ToolCallBegin,
@@ -50,25 +48,18 @@ def timings_from(raw, usage: Usage) -> Optional[Timings]:
     return Timings(prefill_s=float(pre or 0), decode_s=float(dec or 0), prompt_tokens=pt, generated_tokens=gt)
 
 
-def _origin(url: str) -> str:
-    url = url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
 def local_cluster_snapshot(base_url: str) -> Optional[dict]:
     """When `k2mlx cluster up` runs on this machine and serves `base_url`, ask rank 0's health
     hub (what `k2mlx cluster status` shows). Blocking (a socket): call in a thread."""
     try:
         from k2mlx.distributed.health import query_status
+        from k2mlx.distributed.state import find
     except ImportError:
         return None
-    path = Path(os.environ.get("K2MLX_STATE_DIR") or Path.home() / ".k2mlx") / "cluster.json"
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
+    found = find(url=base_url)  # one state file per cluster; only the one serving base_url
+    if not found or not found[0][1].get("heartbeat"):
         return None
-    if not state.get("url") or _origin(state["url"]) != _origin(base_url) or not state.get("heartbeat"):
-        return None  # a cluster, but not the one this chat talks to
+    state = found[0][1]
     try:
         snap = query_status(state["heartbeat"], state.get("token", ""))
     except (OSError, ValueError, KeyError):

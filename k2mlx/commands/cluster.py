@@ -28,34 +28,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--deadline", type=float, default=3.0,
                     help="seconds without a heartbeat before a rank counts as lost (default 3)")
     up.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the endpoint (default 600)")
-    sub.add_parser("status", help="each rank's host, layers, memory and health")
-    sub.add_parser("down", help="stop every rank of the running cluster")
+    for name, text in (("status", "each rank's host, layers, memory and health"),
+                       ("down", "stop every rank of a running cluster and check they are gone")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--hosts", default=None, help="the cluster on these hosts (as given to `up`)")
+        p.add_argument("--port", type=int, default=None, help="the cluster serving this HTTP port")
+        if name == "down":
+            p.add_argument("--all", action="store_true", help="stop every running cluster")
 
 
-def _state():
-    import json
+def _select(args) -> list:
+    """Running clusters (state.running), narrowed by --hosts/--port."""
+    from k2mlx.distributed import state as cstate
 
-    from k2mlx.distributed.cli import state_dir
+    hosts = None
+    if getattr(args, "hosts", None):
+        from k2mlx.distributed.hosts import parse_hosts
 
-    path = state_dir() / "cluster.json"
-    try:
-        return path, json.loads(path.read_text())
-    except (OSError, ValueError):
-        return path, None
+        hosts = [h.address for h in parse_hosts(args.hosts)]
+    return cstate.find(hosts=hosts, port=getattr(args, "port", None))
 
 
-def _alive(pid: int | None) -> bool:
-    import os
-
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+def _describe(st: dict) -> str:
+    what = st.get("url") or f"`{st.get('command') or 'launch'}`"
+    return f"{','.join(st.get('hosts') or st.get('addresses') or [])} {what} (launcher pid {st.get('launcher_pid')})"
 
 
 def run(args) -> int:
@@ -63,9 +59,9 @@ def run(args) -> int:
     if action == "up":
         return _up(args)
     if action == "status":
-        return _status()
+        return _status(args)
     if action == "down":
-        return _down()
+        return _down(args)
     print("usage: k2mlx cluster {up,status,down} (see k2mlx cluster --help)")
     return 2
 
@@ -78,22 +74,22 @@ def _up(args) -> int:
 
     import httpx
 
-    from k2mlx.distributed.cli import prepare, state_dir
+    from k2mlx.distributed.cli import prepare
+    from k2mlx.distributed.state import state_dir
     from k2mlx.errors import ClusterError
 
-    path, st = _state()
-    if st and _alive(st.get("launcher_pid")):
-        raise ClusterError(f"a cluster is already running ({st.get('url')}); `k2mlx cluster down` first")
     say = lambda m: print(f"k2mlx cluster: {m}", file=sys.stderr, flush=True)  # noqa: E731
     prepare(args, "serve", log=say)  # fail here, in the foreground, with the reason
+    # (a second cluster on the same hosts and port is refused there; the supervisor's
+    # exclusive claim of its state file settles a race between two `up`s)
     log_path = state_dir() / "cluster.log"
     cmd = [sys.executable, "-m", "k2mlx.cli", "serve", "--hosts", args.hosts, "--port", str(args.port),
            "--host", args.host, "--max-batch", str(args.max_batch)]
     if args.model:
         cmd += ["--model", args.model]
-    if args.api_key:
-        cmd += ["--api-key", args.api_key]
     env = dict(os.environ)
+    if args.api_key:  # in the environment, not in argv (`ps` shows argv)
+        env["K2MLX_API_KEY"] = args.api_key
     env["K2MLX_STATE_DIR"] = str(state_dir())
     extra = {"backend": args.backend, "copy_model": args.copy_model, "layers_split": args.layers_split,
              "deadline": args.deadline}
@@ -116,7 +112,7 @@ def _up(args) -> int:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    _down()
+    _stop_supervisor(sup)
     raise ClusterError(f"the endpoint did not answer within {args.wait:.0f} s (log: {log_path})")
 
 
@@ -128,23 +124,42 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def _status() -> int:
+def _stop_supervisor(sup) -> None:
+    """`up` gave up waiting: end the supervisor it started (it stops its ranks on TERM)."""
+    import subprocess
+
+    sup.terminate()
+    try:
+        sup.wait(15)
+    except subprocess.TimeoutExpired:
+        sup.kill()
+
+
+def _status(args) -> int:
     from rich.console import Console
+
+    con = Console()
+    found = _select(args)
+    if not found:
+        con.print("no cluster is running")
+        return 1
+    rc = 0
+    for _, st in found:
+        rc = max(rc, _status_one(con, st))
+    return rc
+
+
+def _status_one(con, st: dict) -> int:
     from rich.table import Table
 
     from k2mlx.distributed.health import query_status
 
-    con = Console()
-    _, st = _state()
-    if not st or not _alive(st.get("launcher_pid")):
-        con.print("no cluster is running")
-        return 1
     try:
         snap = query_status(st["heartbeat"], st["token"])
-    except OSError as e:
-        con.print(f"cluster launcher is up (pid {st['launcher_pid']}) but rank 0 does not answer: {e}")
+    except (OSError, ValueError, KeyError) as e:
+        con.print(f"cluster {_describe(st)} is up but rank 0 does not answer: {e}")
         return 1
-    t = Table(title=f"k2mlx cluster  {st.get('url') or ''}")
+    t = Table(title=f"k2mlx cluster  {st.get('url') or st.get('command') or ''}")
     for col in ("rank", "host", "layers", "memory (peak)", "health"):
         t.add_column(col)
     for r in snap["ranks"]:
@@ -159,28 +174,76 @@ def _status() -> int:
     return 0
 
 
-def _down() -> int:
-    import os
-    import signal
-    import time
-
-    path, st = _state()
-    if not st:
+def _down(args) -> int:
+    found = _select(args)
+    if not found:
         print("no cluster is running")
         return 0
+    if len(found) > 1 and not getattr(args, "all", False) and not (args.hosts or args.port):
+        print("several clusters are running; choose one with --hosts/--port, or pass --all:")
+        for _, st in found:
+            print(f"  {_describe(st)}")
+        return 2
+    rc = 0
+    for path, st in found:
+        left = _stop(st)
+        if left:
+            print(f"cluster {_describe(st)}: still running after SIGKILL: {', '.join(left)}")
+            rc = 1
+        else:
+            path.unlink(missing_ok=True)
+            n = len(st.get("ranks", []))
+            print(f"cluster stopped: {_describe(st)}; launcher and {n} ranks checked gone")
+    return rc
+
+
+def _stop(st: dict) -> list[str]:
+    """TERM the launcher (it stops every rank, local and remote), then KILL whatever is left;
+    return what still runs (checked: local process groups, remote pids over ssh)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from k2mlx.distributed.state import alive, group_alive
+
     pid = st.get("launcher_pid")
-    if _alive(pid):
-        os.kill(pid, signal.SIGTERM)  # the launcher stops every rank, local and remote
-        end = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < end:
-            time.sleep(0.1)
-    for r in st.get("ranks", []):  # belt and braces for local ranks
-        try:
-            os.killpg(r["pid"], signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, KeyError, TypeError):
-            pass
-    if _alive(pid):
+    ranks = [r for r in st.get("ranks", []) if isinstance(r, dict)]
+    if alive(pid):
+        os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + 10
+    while time.monotonic() < end and (alive(pid) or any(group_alive(r.get("pid")) for r in ranks
+                                                         if r.get("local"))):
+        time.sleep(0.1)
+    if alive(pid):
         os.kill(pid, signal.SIGKILL)
-    path.unlink(missing_ok=True)
-    print("cluster stopped")
-    return 0
+    left = []
+    for r in ranks:
+        if r.get("local") and group_alive(r.get("pid")):
+            try:
+                os.killpg(r["pid"], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        elif not r.get("local") and type(r.get("remote_pid")) is int:
+            from k2mlx.distributed.cli import ssh_opts
+            from k2mlx.distributed.hosts import Host
+            from k2mlx.distributed.preflight import ssh_base
+
+            h = Host(address=str(r["address"]), user=r.get("user"), ssh_port=r.get("ssh_port"))
+            cmd = ssh_base(h, ssh_opts()) + [f"kill -9 {r['remote_pid']} 2>/dev/null; sleep 0.2; "
+                                     f"kill -0 {r['remote_pid']} 2>/dev/null && echo alive"]
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+                if "alive" in out:
+                    left.append(f"rank {r['rank']} (pid {r['remote_pid']} on {r['host']})")
+            except (subprocess.TimeoutExpired, OSError) as e:
+                left.append(f"rank {r['rank']} on {r['host']} (cannot check over ssh: {e})")
+    end = time.monotonic() + 5
+    while time.monotonic() < end and (alive(pid) or any(
+            group_alive(r.get("pid")) for r in ranks if r.get("local"))):
+        time.sleep(0.1)
+    if alive(pid):
+        left.append(f"launcher (pid {pid})")
+    left += [f"rank {r['rank']} (pid {r['pid']})" for r in ranks
+             if r.get("local") and group_alive(r.get("pid"))]
+    return left
