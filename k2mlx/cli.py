@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("k2mlx.commands.generate", "generate a completion for a prompt"),
@@ -33,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"k2mlx {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
+                        help="log verbosity of k2mlx's engine, loading, server and cluster (default warning; "
+                             "failures are logged with their tracebacks)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -46,8 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(_module=None)
             continue
         mod.add_arguments(p)
+        if "--log-level" in p._option_string_actions:  # a command's own flag: the global default wins
+            p._option_string_actions["--log-level"].default = argparse.SUPPRESS
+        else:
+            p.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, help="as before the command")
         p.set_defaults(_module=module)
     return parser
+
+
+def setup_logging(level: str) -> None:
+    """k2mlx's loggers (k2mlx.*: engine, loading, server, distributed) at `level` on stderr;
+    other libraries stay at warning."""
+    import logging
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("k2mlx").setLevel(level.upper())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from k2mlx.errors import K2Error
 
     debug = args.debug or os.environ.get("K2MLX_DEBUG")
+    setup_logging(args.log_level)
     try:
         rc = importlib.import_module(args._module).run(args)
         return int(rc or 0)

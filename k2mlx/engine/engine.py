@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -23,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from k2mlx.engine.detok import StopStrings
+from k2mlx import mlxlm_adapter as adapter
 from k2mlx.events import Done, TextDelta, Timings, ToolCallEnd, Usage
 from k2mlx.engine.prefix_cache import PrefixCache
 from k2mlx.engine.prompting import build_prompt, make_parser
@@ -30,6 +32,7 @@ from k2mlx.engine.request import DEFAULT_MAX_TOKENS, GenerationRequest
 from k2mlx.engine.stream import AsyncRequestStream, SyncRequestStream
 from k2mlx.errors import ClusterError, ContextOverflowError, K2Error
 
+log = logging.getLogger("k2mlx.engine")
 
 @dataclass
 class Prepared:
@@ -138,7 +141,8 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 8, context_length: int | None = None,
                  cache_bytes: int = 2 << 30, prefill_step_size: int = 512,
                  default_max_tokens: int = DEFAULT_MAX_TOKENS, model_name: str = "k2", exit_safe: bool = True,
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, prompt_cache=None):
+        adapter.require()  # a renamed mlx-lm internal fails here, once, not in every request
         self.model, self.tokenizer = model, tokenizer
         # micro-batch groups: one per pipeline stage when the model can overlap steps
         can = hasattr(model, "submit") and max_batch > 1
@@ -153,7 +157,8 @@ class Engine:
         self.default_max_tokens = default_max_tokens
         self.prefill_step_size = prefill_step_size
         self.vocab_size = getattr(tokenizer, "vocab_size", None)
-        self.prefix_cache = PrefixCache(cache_bytes)
+        # prompt_cache: a DiskPrefixCache (disk_cache.py) behind the in-memory one, or None
+        self.prefix_cache = PrefixCache(cache_bytes, disk=prompt_cache)
         self.stats = EngineStats()
         self.failure: K2Error | None = None  # a ClusterError makes the server answer 503
         self._ids = itertools.count(1)
@@ -222,11 +227,9 @@ class Engine:
 
     # ---------------------------------------------------------------- model thread
     def _new_batch_generator(self, model=None):
-        from mlx_lm.generate import BatchGenerator
-
-        return BatchGenerator(model or self.model, completion_batch_size=self.max_batch,
-                              prefill_batch_size=min(8, self.max_batch),
-                              prefill_step_size=self.prefill_step_size)
+        return adapter.batch_generator(model or self.model, max_batch=self.max_batch,
+                                       prefill_batch=min(8, self.max_batch),
+                                       prefill_step_size=self.prefill_step_size)
 
     def _new_groups(self) -> list[_Group]:
         if self.n_groups == 1:
@@ -263,15 +266,17 @@ class Engine:
                     g = self._groups[0]
                     self._admit(g)
                     if g.slots:
-                        self._step(g, g.bg.next()[1])
+                        self._step(g, adapter.step(g.bg)[1])
                 else:
                     self._round()
             except Exception as e:  # a model or cluster failure ends the affected requests, not the thread
+                log.exception("model step failed; ending %d active request(s)", len(self._slots))
                 self._fail_all(e)
         for slot in list(self._slots.values()) + list(self._waiting):
             self._finish(slot, "cancelled")
         # MLX state is released on the thread that made it (freeing it at interpreter exit aborts)
         self._stop_groups()
+        self.prefix_cache.close()  # queued disk blocks are written before the engine ends
         self.prefix_cache = PrefixCache(0)
 
     def _round(self) -> None:
@@ -290,7 +295,7 @@ class Engine:
                 self._step(g, val[1])
                 if g.deferred:  # cancelled while its step was in flight
                     uids, g.deferred = list(g.deferred), []
-                    g.runner.call(lambda: g.bg.remove(uids))
+                    g.runner.call(lambda: adapter.remove(g.bg, uids))
                 self._admit(g)
                 if not g.slots:
                     break
@@ -326,11 +331,11 @@ class Engine:
             for uid, slot in list(g.slots.items()):
                 if slot.rid == rid:
                     if g.runner is None:
-                        g.bg.remove([uid])
+                        adapter.remove(g.bg, [uid])
                     elif g.runner.paused:
                         g.deferred.append(uid)  # its generator is mid-step: remove it after
                     else:
-                        g.runner.call(lambda: g.bg.remove([uid]))
+                        g.runner.call(lambda: adapter.remove(g.bg, [uid]))
                     self._release(g, uid)
                     self._finish(slot, "cancelled")
                     return
@@ -353,12 +358,11 @@ class Engine:
                 else:  # MLX objects of a group are made on its own thread
                     g.runner.call(lambda: self._insert(g, slot, make_processors, make_sampler))
             except Exception as e:  # this request only (a bad cache, an odd token): the batch goes on
+                log.exception("request %d could not join the batch", slot.rid)
                 self._finish(slot, "error", f"{type(e).__name__}: {e}")
         self.stats.active = len(self._slots)
 
     def _insert(self, g: _Group, slot: _Slot, make_processors, make_sampler) -> None:
-        from mlx_lm.generate import StopSequences
-
         prep = slot.prep
         cache, cached = self.prefix_cache.fetch(prep.prompt)
         sampling = prep.request.sampling
@@ -368,14 +372,9 @@ class Engine:
             self._handle(slot, slot.parser.feed(t))
         stop_ids = set(self.tokenizer.eos_token_ids) | set(prep.request.stop_token_ids)
 
-        (uid,) = g.bg.insert(
-            [prep.prompt[cached:]], max_tokens=[prep.max_tokens],
-            caches=[cache] if cache is not None else None,
-            all_tokens=[prep.prompt[:cached]],
-            samplers=[make_sampler(sampling, vocab)],
-            logits_processors=[make_processors(sampling, prep.banned)],
-            stop_sequences=[StopSequences([[t] for t in sorted(stop_ids)])],
-        )
+        uid = adapter.insert(g.bg, prep.prompt[cached:], max_tokens=prep.max_tokens, cache=cache,
+                             prefix=prep.prompt[:cached], sampler=make_sampler(sampling, vocab),
+                             processors=make_processors(sampling, prep.banned), stop_ids=stop_ids)
         slot.uid = uid
         g.slots[uid] = slot
         self.stats.prompt_tokens += len(prep.prompt)
@@ -420,11 +419,11 @@ class Engine:
     @staticmethod
     def _remove_keep_caches(g: _Group, uids: list[int]) -> dict:
         if g.runner is None:
-            return g.bg.remove(uids, return_prompt_caches=True)
+            return adapter.remove(g.bg, uids, keep_caches=True)
         from k2mlx.engine.overlap import evaluate_cache
 
         def job():
-            caches = g.bg.remove(uids, return_prompt_caches=True)
+            caches = adapter.remove(g.bg, uids, keep_caches=True)
             for cache, _ in caches.values():
                 evaluate_cache(cache)
             return caches
@@ -473,12 +472,9 @@ class Engine:
             reason = final_finish_reason(reason, slot.tool_calls)
         end = time.perf_counter()
         first = slot.t_first or end
-        try:
-            import mlx.core as mx
+        import mlx.core as mx
 
-            peak = mx.get_peak_memory()
-        except Exception:
-            peak = 0
+        peak = mx.get_peak_memory()
         prompt_n = len(slot.prep.prompt)
         timings = Timings(prefill_s=first - slot.t_admit if slot.t_admit else 0.0,
                           decode_s=end - first, prompt_tokens=prompt_n - slot.cached,
@@ -500,6 +496,7 @@ class Engine:
         if isinstance(exc, ClusterError):
             self.failure = exc
         msg = f"{type(exc).__name__}: {exc}"
+        log.error("ending every request: %s", msg, exc_info=exc)  # a failure handed in by fail()
         slots = list(self._slots.values())
         for g in self._groups:
             g.slots.clear()

@@ -22,9 +22,12 @@ and caches leaving the group (finished sequences, for the prefix cache) are eval
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 import mlx.core as mx
+
+log = logging.getLogger("k2mlx.engine")
 
 
 class _Quit(BaseException):
@@ -51,8 +54,8 @@ class GroupModel:
             if self._runner._drain:  # keep the pipeline's results in order for the other groups
                 try:
                     pending.result()
-                except Exception:
-                    pass
+                except Exception:  # the group is being abandoned; its owner reports the failure
+                    log.debug("abandoned group's step failed", exc_info=True)
             raise
         return pending.result()
 
@@ -135,7 +138,9 @@ class GroupRunner:
                 self._report("error", e)
 
     def _next(self):
-        out = self.bg.next()
+        from k2mlx.mlxlm_adapter import step
+
+        out = step(self.bg)
         for r in out[1]:
             if r.prompt_cache is not None:  # leaves this thread for the prefix cache
                 evaluate_cache(r.prompt_cache)

@@ -1,14 +1,17 @@
 """Prefix cache reused across requests: mlx-lm's LRU prompt cache (a token trie of extracted
-per-sequence caches), bounded in bytes, plus the hit/miss counters the server reports."""
+per-sequence caches), bounded in bytes, plus the hit/miss counters the server reports; behind it,
+optionally, the persistent block cache on disk (`disk_cache.py`)."""
 from __future__ import annotations
 
-from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
+from k2mlx.mlxlm_adapter import prompt_cache_lru, trim_prompt_cache
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int = 2 << 30, max_entries: int = 64):
+    def __init__(self, max_bytes: int = 2 << 30, max_entries: int = 64, disk=None):
         self.max_bytes = max_bytes
-        self._lru = LRUPromptCache(max_size=max_entries, max_bytes=max_bytes) if max_bytes > 0 else None
+        self.disk = disk  # a DiskPrefixCache (k2mlx.engine.disk_cache) or None
+        self.disk_tokens = 0
+        self._lru = prompt_cache_lru(max_entries, max_bytes) if max_bytes > 0 else None
         self.hits = 0
         self.misses = 0
         self.cached_tokens = 0
@@ -23,15 +26,24 @@ class PrefixCache:
     def fetch(self, tokens: list[int]):
         """-> (cache or None, number of leading tokens the cache already holds).
 
-        At least one token is always left to run, since the model must produce logits."""
-        if self._lru is None:
-            self.misses += 1
-            return None, 0
-        cache, rest = self._lru.fetch_nearest_cache("k2", tokens)
-        if cache is not None and not rest:
-            trim_prompt_cache(cache, 1)
-            rest = tokens[-1:]
-        n = len(tokens) - len(rest) if cache is not None else 0
+        At least one token is always left to run, since the model must produce logits. On a
+        memory miss, or when the disk holds a longer prefix, the persistent cache is read."""
+        cache, n = None, 0
+        if self._lru is not None:
+            cache, rest = self._lru.fetch_nearest_cache("k2", tokens)
+            if cache is not None and not rest:
+                trim_prompt_cache(cache, 1)
+                rest = tokens[-1:]
+            n = len(tokens) - len(rest) if cache is not None else 0
+        if self.disk is not None and len(tokens) - 1 - n >= self.disk.block:
+            m, kv = self.disk.lookup(tokens, beyond=n, limit=len(tokens) - 1)
+            if kv is not None:
+                from k2mlx.engine.disk_cache import kv_caches
+
+                cache, n = kv_caches(kv), m
+                self.disk_tokens += m
+                if self._lru is not None:  # the next turn finds it in memory
+                    self._lru.insert_cache("k2", list(tokens[:m]), kv_caches(kv))
         if n > 0:
             self.hits += 1
             self.cached_tokens += n
@@ -43,6 +55,16 @@ class PrefixCache:
     def insert(self, tokens: list[int], cache) -> None:
         if self._lru is not None and tokens:
             self._lru.insert_cache("k2", list(tokens), cache)
+        if self.disk is not None and tokens:
+            from k2mlx.engine.disk_cache import kv_arrays
+
+            kv = kv_arrays(cache)
+            if kv is not None:  # None: some layer lives on another rank (pipeline shadows)
+                self.disk.save(list(tokens), kv)
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
 
     def trim_to(self, n_bytes: int) -> None:
         if self._lru is not None:

@@ -8,9 +8,8 @@ from __future__ import annotations
 import random
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
-
 from k2mlx.engine.request import SamplingParams
+from k2mlx.mlxlm_adapter import apply_min_p, apply_top_k, apply_top_p, greedy_sampler, logit_bias_processors
 
 
 def make_sampler(params: SamplingParams, vocab_size: int):
@@ -43,7 +42,7 @@ def make_processors(params: SamplingParams, banned: list[int] | None = None):
     bias = dict(params.logit_bias)
     for t in banned or ():
         bias[t] = -float("inf")
-    return make_logits_processors(logit_bias=bias or None)
+    return logit_bias_processors(bias or None)
 
 
 def token_logprobs(logprobs: mx.array, token: int, top: int, id_to_text) -> tuple:

@@ -5,9 +5,12 @@ iterator, or dropping it, cancels the request so its batch slot is freed at the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 
 from k2mlx.events import Done
+
+log = logging.getLogger("k2mlx.engine")
 
 
 class _Base:
@@ -25,8 +28,8 @@ class _Base:
     def __del__(self):
         try:
             self.cancel()
-        except Exception:
-            pass
+        except Exception:  # at interpreter exit the engine may be gone; nothing is left to free
+            log.debug("cancel from __del__ failed", exc_info=True)
 
 
 class AsyncRequestStream(_Base):
