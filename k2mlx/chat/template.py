@@ -70,6 +70,11 @@ def normalize_messages(messages: Sequence[dict], native_ids: bool = True) -> lis
     out: list[dict] = []
     rename: dict[str, str] = {}
     pending: list[str] = []  # ids of the latest calls not yet answered, in order
+    # native ids the client already uses anywhere: an id we write must not repeat one of them
+    used: set[str] = {c["id"] for m in messages if isinstance(m, dict) and isinstance(m.get("tool_calls"), list)
+                      for c in m["tool_calls"] if isinstance(c, dict) and isinstance(c.get("id"), str)
+                      and NATIVE_ID.match(c["id"])}
+    n_calls = 0  # calls so far in the conversation; an id we write counts globally, as K2's do
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -109,12 +114,19 @@ def normalize_messages(messages: Sequence[dict], native_ids: bool = True) -> lis
                 cid = call.get("id")
                 if cid is not None and not isinstance(cid, str):
                     raise RequestError(f"{where}.tool_calls[{j}].id must be a string", param="messages")
-                native = f"functions.{fn['name']}:{j}"
-                if not cid:
+                if isinstance(args, str):
+                    args = _unwrap_encoded(args)
+                if not cid or (native_ids and not NATIVE_ID.match(cid)):
+                    k = n_calls
+                    native = f"functions.{fn['name']}:{k}"
+                    while native in used:
+                        k += 1
+                        native = f"functions.{fn['name']}:{k}"
+                    if cid:
+                        rename[cid] = native
                     cid = native
-                elif native_ids and not NATIVE_ID.match(cid):
-                    rename[cid] = native
-                    cid = native
+                used.add(cid)
+                n_calls += 1
                 pending.append(cid)
                 new_calls.append({"id": cid, "type": "function", "function": {"name": fn["name"], "arguments": args}})
             msg["tool_calls"] = new_calls
@@ -137,6 +149,20 @@ def normalize_messages(messages: Sequence[dict], native_ids: bool = True) -> lis
             msg["reasoning_content"] = rc
         out.append(msg)
     return out
+
+
+def _unwrap_encoded(args: str) -> str:
+    """Arguments some clients send JSON-encoded twice (`"{\\"a\\": 1}"`) -> the JSON inside, so
+    the model sees the form it was trained on. Anything else is left exactly as given."""
+    if not args.startswith('"'):
+        return args
+    try:
+        inner = json.loads(args)
+        if isinstance(inner, str) and isinstance(json.loads(inner), (dict, list)):
+            return inner
+    except ValueError:
+        pass  # not double-encoded: the arguments stay as the client wrote them
+    return args
 
 
 def normalize_tools(tools: Any) -> list[dict] | None:

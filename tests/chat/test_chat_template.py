@@ -266,3 +266,35 @@ def test_legacy_openai_shapes():
     assert legacy[1]["content"] == "no"
     assert legacy[2]["tool_calls"][0]["id"] == "functions.f:0" and "function_call" not in legacy[2]
     assert legacy[3]["tool_call_id"] == "functions.f:0"
+
+
+def test_openai_ids_across_turns_stay_unique_and_answer_their_calls():
+    """Clients that restart their ids each turn (`call_0` twice) still get distinct native ids,
+    and each result answers the call it named."""
+    messages = [
+        {"role": "user", "content": "weather twice"},
+        {"role": "assistant", "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"A"}'}}]},
+        {"role": "tool", "tool_call_id": "call_0", "content": "sunny"},
+        {"role": "assistant", "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"B"}'}},
+            {"id": "functions.get_weather:1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_0", "content": "rain"},
+    ]
+    msgs = normalize_messages(messages)
+    ids = [c["id"] for m in msgs if m.get("tool_calls") for c in m["tool_calls"]]
+    assert ids == ["functions.get_weather:0", "functions.get_weather:2", "functions.get_weather:1"]
+    assert [m["tool_call_id"] for m in msgs if m["role"] == "tool"] == ["functions.get_weather:0", "functions.get_weather:2"]
+    text = render(messages, tools=[WEATHER])
+    assert "## Return of functions.get_weather:2\nrain" in text and "call_0" not in text
+
+
+def test_double_encoded_arguments_in_history_are_unwrapped():
+    encoded = json.dumps(json.dumps({"city": "Zürich"}, ensure_ascii=False))
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": encoded}}]}]
+    text = render(messages, tools=[WEATHER], add_generation_prompt=False)
+    assert '<|tool_call_argument_begin|>{"city": "Zürich"}<|tool_call_end|>' in text
+    plain = [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": '"just a string"'}}]}]
+    assert normalize_messages(plain)[0]["tool_calls"][0]["function"]["arguments"] == '"just a string"'
