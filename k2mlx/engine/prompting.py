@@ -55,6 +55,7 @@ def build_prompt(tokenizer, request: GenerationRequest) -> tuple[list[int], list
         return tokenizer.encode(request.prompt, allow_special=False), [], []
 
     from k2mlx.chat.template import render_tokens
+    from k2mlx.chat.volatile import strip_volatile
 
     tools = request.tools or None
     choice = request.tool_choice
@@ -62,7 +63,8 @@ def build_prompt(tokenizer, request: GenerationRequest) -> tuple[list[int], list
         if choice == "required" or isinstance(choice, dict):
             raise RequestError(f"tool_choice {choice!r} needs tools, and the request declares none", param="tool_choice")
         choice = "none"
-    tokens = list(render_tokens(tokenizer, request.messages, tools=tools, add_generation_prompt=True,
+    # per-request noise (billing lines) would defeat the prefix cache: see k2mlx/chat/volatile.py
+    tokens = list(render_tokens(tokenizer, strip_volatile(request.messages), tools=tools, add_generation_prompt=True,
                                 **request.chat_kwargs))
     forced: list[int] = []
     banned: list[int] = []
