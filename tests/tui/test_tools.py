@@ -123,7 +123,7 @@ def test_shell_timeout_and_cap(setup):
     r = run(reg, "run_shell", command="sleep 30", timeout=0.5)
     assert r.status == "error" and "timed out after 0.5 s" in r.output and r.duration_s < 5
     big = run(reg, "run_shell", command="python3 -c \"print('x' * 100000)\"")
-    assert big.status == "ok" and len(big.output) < 17_000 and "characters cut" in big.output
+    assert big.status == "ok" and len(big.output) < 17_000 and "bytes cut" in big.output
 
 
 def test_specs_are_openai_tools(setup):

@@ -1,13 +1,18 @@
-"""Workspace confinement: every path a tool touches must resolve inside the workspace.
+"""Workspace confinement: every path a file tool touches must lie inside the workspace.
 
-Resolution follows symlinks (os.path.realpath), so a link inside the workspace that points
-out is refused like `..` or an absolute path outside. The check runs on the resolved path at
-call time, right before the file is opened."""
+The file tools open paths through `Workspace.open` (safefs: a descriptor walk from the root
+that never lets the kernel follow a symlink), so a link pointing out is refused like `..` or an
+absolute path outside, and a swap between check and use cannot redirect the open. `resolve`
+(realpath) remains for names only: run_shell's working folder and argument screening, whose
+real boundary is the OS sandbox (sandbox.py)."""
 from __future__ import annotations
 
 import os
 import shlex
+from contextlib import contextmanager
 from pathlib import Path
+
+from k2mlx.tui.tools.safefs import Escape, NotFound, SafeRoot
 
 
 class ToolRefused(Exception):
@@ -20,6 +25,29 @@ class Workspace:
         self.root = Path(os.path.realpath(os.fspath(root)))
         if not self.root.is_dir():
             raise ToolRefused(f"workspace {self.root} is not a directory")
+        self.safe = SafeRoot(str(self.root))
+
+    @contextmanager
+    def open(self, path: str, final: str, *, what: str = "path", create: bool = False):
+        """A `safefs.Walk` of `path` (final: "file", "dir", "any", "parent"); ToolRefused if it leads out."""
+        if not isinstance(path, str) or not path.strip():
+            raise ToolRefused(f"{what} is empty")
+        try:
+            with self.safe.walk(os.path.expanduser(path.strip()), final, create) as w:
+                yield w
+        except Escape as e:
+            raise ToolRefused(f"refused: {what} '{path}' is outside the workspace {self.root} ({e.why})") from None
+
+    def write(self, path: str, data: bytes) -> tuple[str, bool]:
+        """Atomic, exclusive-temp write (safefs.SafeRoot.write_atomic); ToolRefused if it leads out."""
+        if not isinstance(path, str) or not path.strip():
+            raise ToolRefused("path is empty")
+        try:
+            return self.safe.write_atomic(os.path.expanduser(path.strip()), data)
+        except NotFound as e:  # a folder in the way, or the path swapped for one meanwhile
+            raise ToolRefused(str(e)) from None
+        except Escape as e:
+            raise ToolRefused(f"refused: path '{path}' is outside the workspace {self.root} ({e.why})") from None
 
     def resolve(self, path: str, *, what: str = "path", base: Path | None = None) -> Path:
         """The real path for `path` (relative to `base`, default the workspace), or ToolRefused naming why."""
