@@ -8,8 +8,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint folder (default: the embedded k2-nano model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--api-key", default=None, help="require this key as 'Authorization: Bearer KEY' "
-                        "(required to bind a non-loopback address); also read from K2MLX_API_KEY")
+    parser.add_argument("--api-key-file", metavar="PATH", default=None,
+                        help="require the key in this file (first line) as 'Authorization: Bearer KEY'; a key is "
+                        "required to bind a non-loopback address. The key can also come from the environment "
+                        "variable K2MLX_API_KEY. Both keep it out of `ps`, unlike --api-key")
+    parser.add_argument("--api-key", default=None, help="the key itself (visible to every user in `ps`: prefer "
+                        "K2MLX_API_KEY or --api-key-file)")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let web pages from ORIGIN (e.g. https://chat.example; '*' for any) call the server; "
+                        "repeatable. Pages on localhost are allowed; any other Origin is refused, and without an "
+                        "API key so is any Host name but localhost, 127.0.0.1 and ::1 (DNS rebinding)")
+    parser.add_argument("--max-connections", type=int, default=512,
+                        help="open HTTP connections at most; at the limit the longest-idle one is closed (default 512)")
+    parser.add_argument("--read-timeout", type=float, default=20.0, metavar="SECONDS",
+                        help="a client must send a request's headers, and then its body, within this many seconds "
+                        "each (default 20)")
     parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     parser.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: folder name)")
     parser.add_argument("--cache-gb", type=float, default=2.0, help="prefix cache size in GB (default 2; 0 disables)")
@@ -52,6 +65,33 @@ def check_port_free(host: str, port: int) -> None:
             raise RequestError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}", param="port") from None
 
 
+def resolve_api_key(args) -> str | None:
+    """--api-key-file, then K2MLX_API_KEY, then --api-key (which `ps` shows)."""
+    import os
+    import sys
+
+    from k2mlx.errors import RequestError
+
+    path = getattr(args, "api_key_file", None)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise RequestError(f"cannot read --api-key-file {path}: {getattr(e, 'strerror', None) or e}",
+                               param="api_key_file") from None
+        if not key:
+            raise RequestError(f"--api-key-file {path} is empty", param="api_key_file")
+        return key
+    if os.environ.get("K2MLX_API_KEY"):
+        return os.environ["K2MLX_API_KEY"].strip() or None
+    if getattr(args, "api_key", None):
+        print("k2mlx serve: warning: --api-key shows in `ps` to every user of this machine; "
+              "use K2MLX_API_KEY or --api-key-file", file=sys.stderr)
+        return args.api_key
+    return None
+
+
 def run(args) -> int:
     import os
     import sys
@@ -59,11 +99,13 @@ def run(args) -> int:
 
     from k2mlx.errors import RequestError
 
+    if getattr(args, "api_key_file", None):  # read here: the file need not exist on a cluster's rank 0
+        args.api_key, args.api_key_file = resolve_api_key(args), None
     if getattr(args, "hosts", None):  # pipeline over several hosts (k2mlx.distributed)
         from k2mlx.distributed.cli import run_on_cluster
 
         return run_on_cluster(args, "serve")
-    api_key = args.api_key or os.environ.get("K2MLX_API_KEY") or None
+    api_key = resolve_api_key(args)
     if not is_loopback(args.host) and not api_key:
         raise RequestError(
             f"refusing to bind {args.host} without an API key: anyone who can reach this machine could use the model. "
@@ -72,6 +114,20 @@ def run(args) -> int:
         raise RequestError(f"--port must be 1..65535, got {args.port}", param="port")
     if args.max_batch < 1:
         raise RequestError("--max-batch must be at least 1", param="max_batch")
+    max_conn, read_timeout = getattr(args, "max_connections", 512), getattr(args, "read_timeout", 20.0)
+    if not 1 <= max_conn <= 1 << 20:
+        raise RequestError(f"--max-connections must be at least 1, got {max_conn}", param="max_connections")
+    if not 0 < read_timeout <= 3600:
+        raise RequestError(f"--read-timeout must be between 0 and 3600 seconds, got {read_timeout}",
+                           param="read_timeout")
+    from k2mlx.server.guard import normalize_origin
+
+    origins = []
+    for o in getattr(args, "allow_origin", None) or ():
+        try:
+            origins.append(normalize_origin(o))
+        except ValueError as e:
+            raise RequestError(f"--allow-origin: {e}", param="allow_origin") from None
     check_port_free(args.host, args.port)
 
     path = args.model
@@ -79,8 +135,6 @@ def run(args) -> int:
         from k2mlx.tiny import default_model_path
 
         path = str(default_model_path())
-    import uvicorn
-
     from k2mlx import load
     from k2mlx.engine import Engine
     from k2mlx.server import create_app
@@ -92,11 +146,14 @@ def run(args) -> int:
                     default_max_tokens=args.default_max_tokens, model_name=name, exit_safe=not standalone)
     if getattr(args, "on_engine", None):  # cluster: fail requests with 503 on rank loss
         args.on_engine(engine)
-    app = create_app(engine, model_name=name, api_key=api_key)
+    app = create_app(engine, model_name=name, api_key=api_key, allow_origins=tuple(origins))
     print(f"k2mlx serve: {name} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, "
           f"context {engine.context_length})", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
+        from k2mlx.server.http import Limits, serve
+
+        serve(app, args.host, args.port, Limits(header_timeout=read_timeout, body_timeout=read_timeout,
+                                                max_connections=max_conn), log_level=args.log_level)
     finally:
         engine.close()
     if standalone:

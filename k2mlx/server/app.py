@@ -13,45 +13,35 @@ import logging
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k2mlx.engine.events import Done, ParseWarning, TextDelta
 from k2mlx.errors import K2Error
 from k2mlx.server import convert, metrics, sse
-from k2mlx.server.errors import HTTPError, error_body, error_response
+from k2mlx.server.errors import JSON, HTTPError, error_body, error_response, internal_error, request_id
+from k2mlx.server.guard import Guard
+from k2mlx.server.limits import check_body, prompt_byte_limit
 
 log = logging.getLogger("k2mlx.server")
-MAX_BODY = 32 << 20
+MAX_BODY = 32 << 20  # the most any body may be, whatever the context length
+PARSE_INLINE = 64 << 10  # bodies above this are parsed and checked in a worker thread
+BIG_PROMPT = 1 << 20  # prompts above this are tokenized one at a time (tokenizing holds the GIL)
 
 
-class _CountRequests:
-    """ASGI middleware counting responses by route and status (for /metrics) without wrapping
-    streaming bodies (a BaseHTTPMiddleware would hide client disconnects from them)."""
-
-    def __init__(self, app, counters: metrics.HttpCounters):
-        self.app, self.counters = app, counters
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-
-        async def send_(message):
-            if message["type"] == "http.response.start":
-                self.counters.note(path if len(path) < 64 else path[:64], message["status"])
-            await send(message)
-
-        await self.app(scope, receive, send_)
-
-
-def create_app(engine, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+def create_app(engine, model_name: str | None = None, api_key: str | None = None,
+               allow_origins: tuple[str, ...] = ()) -> FastAPI:
+    """`allow_origins`: web origins (`https://app.example`, or `*`) allowed besides loopback ones."""
     name = model_name or engine.model_name
-    app = FastAPI(title="k2mlx", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="k2mlx", docs_url=None, redoc_url=None, openapi_url=None, default_response_class=JSON)
     counters = metrics.HttpCounters()
-    app.add_middleware(_CountRequests, counters=counters)
+    app.add_middleware(Guard, routes=app.router.routes, counters=counters, api_key=api_key,
+                       allow_origins=allow_origins)
     app.state.engine = engine
+    prompt_limit = prompt_byte_limit(engine.context_length, engine.tokenizer)
+    body_limit = min(MAX_BODY, 4 * prompt_limit + (1 << 20))  # JSON escapes and non-prompt fields
+    big_prompts = asyncio.Semaphore(1)
 
     def is_anthropic(request: Request) -> bool:
         return request.url.path.startswith("/v1/messages")
@@ -67,13 +57,10 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     @app.exception_handler(StarletteHTTPException)
     async def _starlette_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind, str(exc.status_code), anthropic=is_anthropic(request)),
-                            status_code=exc.status_code)
+        return JSON(error_body(str(exc.detail), kind, str(exc.status_code), anthropic=is_anthropic(request)),
+                    status_code=exc.status_code, headers=exc.headers)  # a 405 keeps its Allow header
 
-    @app.exception_handler(Exception)
-    async def _any_error(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(exc, anthropic=is_anthropic(request))
+    # any other exception reaches the Guard middleware: logged once, a generic 500 with the request id
 
     def check_auth(request: Request) -> None:
         if not api_key:
@@ -84,27 +71,54 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
             raise HTTPError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
                             type_="authentication_error", code="invalid_api_key")
 
+    def too_large() -> HTTPError:
+        return HTTPError(413, f"the request body is over {body_limit} bytes, more than a prompt for this model's "
+                         f"{engine.context_length}-token context can need", code="body_too_large",
+                         headers={"Connection": "close"})
+
+    def parse(raw: bytes) -> tuple[dict, int]:
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise HTTPError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the request body must be a JSON object", code="invalid_json")
+        body, prompt_bytes = check_body(body)  # depth cap, lone surrogates: before anything recursive
+        if prompt_bytes > prompt_limit:
+            raise HTTPError(400, f"the prompt is {prompt_bytes} bytes, more than this model's context of "
+                            f"{engine.context_length} tokens can hold (at most {prompt_limit} bytes); shorten it",
+                            code="context_length_exceeded", param="prompt" if "prompt" in body else "messages")
+        return body, prompt_bytes
+
     async def body_of(request: Request) -> dict:
+        """The checked JSON body; `request.state.prompt_bytes` is the size of its prompt text."""
         check_auth(request)
         if engine.failure is not None:
             raise HTTPError(503, f"the model is unavailable: {engine.failure}", type_="service_unavailable",
                             code="cluster_failure")
         size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > MAX_BODY:
-            raise HTTPError(413, f"request body over {MAX_BODY >> 20} MiB", code="body_too_large")
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise HTTPError(413, f"request body over {MAX_BODY >> 20} MiB", code="body_too_large")
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as e:
-            raise HTTPError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise HTTPError(400, "the request body must be a JSON object", code="invalid_json")
+        if size and size.isdigit() and int(size) > body_limit:
+            raise too_large()
+        chunks, n = [], 0
+        async for chunk in request.stream():  # counted as it arrives: a chunked body has no length
+            n += len(chunk)
+            if n > body_limit:
+                raise too_large()
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        body, request.state.prompt_bytes = parse(raw) if n <= PARSE_INLINE else await run_in_threadpool(parse, raw)
         return body
 
-    async def start(req):
-        prep = await run_in_threadpool(engine.prepare, req)
+    async def prepare(request: Request, fn, *args):
+        """Tokenizing runs in a worker thread; big prompts one at a time, so a few huge requests
+        cannot starve the event loop (and every other client) of the GIL."""
+        if getattr(request.state, "prompt_bytes", 0) <= BIG_PROMPT:
+            return await run_in_threadpool(fn, *args)
+        async with big_prompts:
+            return await run_in_threadpool(fn, *args)
+
+    async def start(request: Request, req):
+        prep = await prepare(request, engine.prepare, req)
         return prep, engine.submit(prep)
 
     async def collect(stream, request: Request, on_event) -> Done | None:
@@ -135,36 +149,46 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     def done_error(done: Done) -> dict | None:
         if done.finish_reason != "error":
             return None
-        status = 503 if engine.failure is not None else 500
-        return error_body(done.error or "generation failed", "service_unavailable" if status == 503 else "server_error",
-                          "generation_failed")
+        if engine.failure is not None:  # the cluster's own message: which host and rank were lost
+            return error_body(done.error or "generation failed", "service_unavailable", "generation_failed")
+        log.error("request %s: generation failed: %s", request_id.get(), done.error)
+        e = internal_error()
+        return error_body(e.message, e.type, "generation_failed")
 
-    def failed(done: Done | None, anthropic: bool = False) -> JSONResponse | None:
+    def failed(done: Done | None, anthropic: bool = False) -> JSON | None:
         """The error reply of a non-streaming request whose generation failed, else None."""
         if done is None or (err := done_error(done)) is None:
             return None
         if anthropic:
             err["type"] = "error"
-        return JSONResponse(err, status_code=503 if engine.failure else 500)
+        return JSON(err, status_code=503 if engine.failure else 500)
 
     def relay(stream, head, map_event, on_error, tail=()) -> StreamingResponse:
         """One SSE reply for every route: the `head` strings, each engine event through `map_event`,
         `on_error(err)` in place of a failed end, then the `tail` strings; the generation is
-        cancelled however the client leaves."""
+        cancelled however the client leaves. Every stream ends with the tail or an error event:
+        any exception while mapping or encoding (not just a failed generation) becomes one."""
+        def wire(s: str) -> bytes:  # a lone surrogate can only sit inside a JSON string: escape it
+            return s.encode("utf-8", "backslashreplace")
+
         async def gen():
             try:
                 for s in head:
-                    yield s
+                    yield wire(s)
                 async for ev in stream:
                     if isinstance(ev, Done) and (err := done_error(ev)) is not None:
-                        yield on_error(err)
-                        break
+                        yield wire(on_error(err))
+                        return
                     if isinstance(ev, ParseWarning):
                         log.warning("model output: %s", ev.message)
                     for s in map_event(ev):
-                        yield s
+                        yield wire(s)
                 for s in tail:
-                    yield s
+                    yield wire(s)
+            except Exception:
+                log.exception("request %s: stream failed", request_id.get())
+                e = internal_error()
+                yield wire(on_error(error_body(e.message, e.type, e.code)))
             finally:
                 stream.cancel()
 
@@ -174,7 +198,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     @app.get("/health")
     async def health():
         if engine.failure is not None:
-            return JSONResponse({"status": "error", "error": str(engine.failure)}, status_code=503)
+            return JSON({"status": "error", "error": str(engine.failure)}, status_code=503)
         return {"status": "ok", "model": name, "active": engine.stats.active, "queued": max(0, engine.stats.queue_depth)}
 
     @app.get("/v1/cluster")
@@ -216,7 +240,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     async def chat_completions(request: Request):
         body = await body_of(request)
         req, opts = convert.chat_request(body)
-        _, stream = await start(req)
+        _, stream = await start(request, req)
         if not opts["stream"]:
             col = sse.ChatCollector(name, req.logprobs)
             await collect(stream, request, col.add)
@@ -235,7 +259,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     async def completions(request: Request):
         body = await body_of(request)
         req, opts = convert.completion_request(body)
-        _, stream = await start(req)
+        _, stream = await start(request, req)
         mapper = sse.CompletionStream(name, opts["include_usage"])
         echo = opts["prompt"] if opts["echo"] else ""
         if not opts["stream"]:
@@ -263,7 +287,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     async def messages(request: Request):
         body = await body_of(request)
         req, opts = convert.messages_request(body)
-        prep, stream = await start(req)
+        prep, stream = await start(request, req)
         if not opts["stream"]:
             events = []
             await collect(stream, request, events.append)
@@ -286,6 +310,6 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
             req.validate(engine.vocab_size)
             return len(build_prompt(engine.tokenizer, req)[0])
 
-        return {"input_tokens": await run_in_threadpool(count)}
+        return {"input_tokens": await prepare(request, count)}
 
     return app

@@ -1,4 +1,8 @@
-"""GET /metrics in Prometheus' text exposition format."""
+"""GET /metrics in Prometheus' text exposition format.
+
+HTTP requests are counted by route template (`/v1/models/{model_id:path}`), never by raw path,
+with one label for every path no route serves, so the series are bounded by the app's routes
+times the status codes, and no request can choose a label's text."""
 from __future__ import annotations
 
 
@@ -6,16 +10,21 @@ class HttpCounters:
     def __init__(self):
         self.requests: dict[tuple[str, int], int] = {}
 
-    def note(self, path: str, status: int) -> None:
-        key = (path, status)
+    def note(self, route: str, status: int) -> None:
+        key = (route, int(status) if 100 <= int(status) <= 599 else 0)
         self.requests[key] = self.requests.get(key, 0) + 1
+
+
+def escape(value) -> str:
+    """A label value as the text format requires: backslash, double quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _line(out: list, name: str, kind: str, help_: str, samples) -> None:
     out.append(f"# HELP {name} {help_}")
     out.append(f"# TYPE {name} {kind}")
     for labels, value in samples:
-        lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        lab = ",".join(f'{k}="{escape(v)}"' for k, v in labels.items())
         out.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
 
 
@@ -23,7 +32,7 @@ def render(engine, http: HttpCounters) -> str:
     s, pc = engine.stats, engine.prefix_cache
     out: list[str] = []
     _line(out, "k2mlx_http_requests_total", "counter", "HTTP requests by route and status",
-          [({"path": p, "status": st}, n) for (p, st), n in sorted(http.requests.items())])
+          [({"route": p, "status": st}, n) for (p, st), n in sorted(http.requests.items())])
     _line(out, "k2mlx_requests_total", "counter", "generation requests accepted by the engine", [({}, s.requests)])
     _line(out, "k2mlx_requests_finished_total", "counter", "generation requests finished, by reason",
           [({"reason": r}, n) for r, n in sorted(s.finished.items())])

@@ -182,6 +182,13 @@ def anthropic_event(name: str, data: dict) -> str:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def anthropic_usage(u) -> dict:
+    """Anthropic counts cache reads apart: `input_tokens` are the prompt tokens computed afresh, so
+    input_tokens + cache_read_input_tokens is the prompt (the engine's prompt_tokens counts all)."""
+    return {"input_tokens": max(0, u.prompt_tokens - u.cached_tokens), "output_tokens": u.completion_tokens,
+            "cache_read_input_tokens": u.cached_tokens, "cache_creation_input_tokens": 0}
+
+
 def _stop_reason(done: Done) -> str:
     if done.finish_reason == "stop" and done.stop_sequence:
         return "stop_sequence"
@@ -246,8 +253,7 @@ class AnthropicStream:
             out += self._close()
             out.append(anthropic_event("message_delta", {
                 "type": "message_delta", "delta": {"stop_reason": _stop_reason(ev), "stop_sequence": ev.stop_sequence},
-                "usage": {"output_tokens": ev.usage.completion_tokens,
-                          "cache_read_input_tokens": ev.usage.cached_tokens}}))
+                "usage": anthropic_usage(ev.usage)}))
             out.append(anthropic_event("message_stop", {"type": "message_stop"}))
         return out
 
@@ -276,8 +282,6 @@ def anthropic_body(model: str, events: list, done: Done) -> dict:
                         parsed = {"_raw": ev.arguments}
                     block["input"] = parsed if isinstance(parsed, dict) else {"value": parsed}
                     break
-    u = done.usage
     return {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": _stop_reason(done), "stop_sequence": done.stop_sequence,
-            "usage": {"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens,
-                      "cache_read_input_tokens": u.cached_tokens}}
+            "usage": anthropic_usage(done.usage)}

@@ -21,7 +21,7 @@ async def test_in_process_app_and_503_after_a_cluster_failure(engine):
     from k2mlx.server import create_app
 
     app = create_app(engine)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://k2") as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
         r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert r.status_code == 200 and r.json()["model"] == "k2-tiny"
         engine.fail(ClusterError("connection to a peer was lost", host="mac2", rank=1))
