@@ -4,8 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System tools some tests use (tmux for the real-terminal test, sshd + iproute2 for the
-# two-host namespace test, bubblewrap for run_shell's sandbox, OpenBLAS for fast float32 matmuls in MLX on Linux). Best effort:
-# the tests that need them skip with a reason when they are missing.
+# two-host namespace test, bubblewrap for run_shell's sandbox, OpenBLAS for fast float32
+# matmuls in MLX on Linux). Best effort: the tests that need them skip with a reason when they are missing.
 if [ "$(uname)" = "Linux" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
   need=()
   command -v tmux >/dev/null || need+=(tmux)
