@@ -106,13 +106,17 @@ def load_cluster_file(path: str) -> dict:
     return data
 
 
-def use_doorbells(hosts: list[Host], backend: str) -> bool:
+def use_doorbells(hosts: list[Host], backend: str, parallel: str = "pipeline") -> bool:
     """Decided once, at launch: doorbell sockets beside MLX's ring (see pipeline.Link.open_bells).
 
     They help only where a waiting rank's busy-polling recv steals CPU from a computing rank:
     ranks sharing one host (measured in docs/BENCHMARKS.md, "Doorbells"). Ranks on separate
     hosts poll their own idle cores, so the extra TCP round per message is pure cost, and JACCL
-    (RDMA) has no polling ring recv to work around. `K2MLX_DOORBELL=1|0` forces it (benchmarks)."""
+    (RDMA) has no polling ring recv to work around. Tensor parallelism waits mostly inside
+    all_sum, which a doorbell cannot cover: none there. `K2MLX_DOORBELL=1|0` forces it
+    (benchmarks)."""
+    if parallel != "pipeline":
+        return False
     forced = os.environ.get("K2MLX_DOORBELL")
     if forced in ("0", "1"):
         return forced == "1" and backend == "ring"
@@ -165,6 +169,7 @@ class ClusterSpec:
     bell_ports: list[int] | None = None  # doorbell sockets (see pipeline.Link.open_bells)
     model_paths: list[str] | None = None  # per rank, when each host downloaded its own part
     rdma: list | None = None          # JACCL: per rank, the RDMA device towards each rank
+    parallel: str = "pipeline"        # or "tensor": every rank 1/N of every layer (tensor.py)
 
     def host(self, rank: int) -> Host:
         return Host(**self.hosts[rank])

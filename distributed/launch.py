@@ -34,13 +34,16 @@ def even_split(num_layers: int, n: int) -> list[list[int]]:
 
 
 def split_layers(model_path: str | None, n: int, memories_gb: list[float] | None = None,
-                 layers: list[list[int]] | None = None) -> list[list[int]]:
-    """Layer ranges per rank: explicit, else the loading helper's memory-balanced plan."""
+                 layers: list[list[int]] | None = None, parallel: str = "pipeline") -> list[list[int]]:
+    """Layer ranges per rank: explicit, else the loading helper's memory-balanced plan; under
+    tensor parallelism every rank runs every layer (holding 1/N of each)."""
     if layers is not None:
         return [list(r) for r in layers]
     from k2mlx.loading import load_args  # config only: cheap
 
     args = load_args(model_path)
+    if parallel == "tensor":
+        return [[0, args.num_hidden_layers] for _ in range(n)]
     if memories_gb and n > 1:
         try:
             from k2mlx.loading.plan import split_layers as plan_split
@@ -56,7 +59,8 @@ def split_layers(model_path: str | None, n: int, memories_gb: list[float] | None
 def make_spec(hosts: list[Host], model: str | None, role: str, role_args: dict | None = None,
               layers: list[list[int]] | None = None, backend: str = "ring",
               deadline_s: float = 3.0, heartbeat_port: int | None = None,
-              ring_ports: list[int] | None = None, bell_ports: list[int] | None = None) -> ClusterSpec:
+              ring_ports: list[int] | None = None, bell_ports: list[int] | None = None,
+              parallel: str = "pipeline") -> ClusterSpec:
     h0 = hosts[0].address
     if ring_ports is None:
         # Distinct ports even when two ranks share an address (loopback tests).
@@ -69,7 +73,8 @@ def make_spec(hosts: list[Host], model: str | None, role: str, role_args: dict |
         layers=layers,
         heartbeat=f"{h0}:{heartbeat_port or pick_port(hosts[0], len(hosts))}",
         ring_ports=ring_ports, backend=backend, model=model, role=role,
-        bell_ports=(bell_ports or _ports(hosts, avoid=ring_ports)) if use_doorbells(hosts, backend) else None,
+        bell_ports=(bell_ports or _ports(hosts, avoid=ring_ports)) if use_doorbells(hosts, backend, parallel)
+        else None, parallel=parallel,
         role_args=role_args or {}, deadline_s=deadline_s, token=secrets.token_hex(8))
 
 
@@ -343,15 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", default=None, help='JSON [[start, stop], ...] per rank')
     ap.add_argument("--memory-gb", default=None, help="comma list: memory-balanced split")
     ap.add_argument("--backend", default="ring")
+    ap.add_argument("--parallel", default="pipeline", choices=["pipeline", "tensor"])
     ap.add_argument("--deadline", type=float, default=3.0)
     ap.add_argument("--state", default=None, help="write rank pids here (JSON)")
     ap.add_argument("--python", default=None)
     a = ap.parse_args(argv)
     hosts = parse_hosts(a.hosts)
     mem = [float(x) for x in a.memory_gb.split(",")] if a.memory_gb else None
-    layers = split_layers(a.model, len(hosts), mem, json.loads(a.layers) if a.layers else None)
+    layers = split_layers(a.model, len(hosts), mem, json.loads(a.layers) if a.layers else None,
+                          parallel=a.parallel)
     spec = make_spec(hosts, a.model, a.role, json.loads(a.role_args), layers=layers,
-                     backend=a.backend, deadline_s=a.deadline)
+                     backend=a.backend, deadline_s=a.deadline, parallel=a.parallel)
     launcher = Launcher(spec, python=a.python, state_path=a.state)
     try:
         return launcher.run()

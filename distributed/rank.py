@@ -120,8 +120,17 @@ def main() -> int:
         link = Link(group, spec, health)
         link.open_bells()
         model, tokenizer = load_stage(spec, rank)
-        if rank == 0:
+        if spec.parallel == "tensor":
+            from . import tensor
+
+            tensor.shard_model(model, rank, spec.size, group)
+            if rank != 0:
+                tensor.worker_loop(model, link)
+                return 0
+            pipe = tensor.TensorModel(model, link)
+        elif rank == 0:
             pipe = PipelineModel(model, link, model.args.num_hidden_layers)
+        if rank == 0:
             try:
                 rc = resolve(spec.role)(pipe, tokenizer, spec=spec, health=health, **spec.role_args)
             finally:

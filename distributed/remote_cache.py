@@ -64,7 +64,7 @@ class RemoteCache:
         from k2mlx.mlxlm_adapter import is_layer_cache
 
         if is_layer_cache(value):
-            return RemoteCache(value, self._rank, self._log)
+            return type(self)(value, self._rank, self._log)  # (tensor.MirrorCache stays one)
         return value
 
     def _advance(self, B: int, L: int) -> None:
@@ -95,7 +95,7 @@ class RemoteCache:
         self._log.add(self._rank, ["set", self._oid, name, _wire(value)])
 
     def __deepcopy__(self, memo) -> "RemoteCache":
-        dup = RemoteCache(copy.deepcopy(self._shadow, memo), self._rank, self._log)
+        dup = type(self)(copy.deepcopy(self._shadow, memo), self._rank, self._log)
         self._log.add(self._rank, ["copy", self._oid, dup._oid])
         return dup
 

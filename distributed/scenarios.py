@@ -19,6 +19,14 @@ class _Done:
         return self.logits
 
 
+def submit_step(pipe, tokens, cache):
+    """pipe.submit where the model has it (pipeline, LocalSteps); else one blocking step (a
+    tensor-parallel model has nothing to overlap)."""
+    if hasattr(pipe, "submit"):
+        return pipe.submit(tokens, cache)
+    return _Done(pipe(tokens, cache))
+
+
 class LocalSteps:
     """A single-process model with the pipeline's two-phase API (the reference in tests)."""
 
@@ -96,7 +104,7 @@ def greedy_logits(pipe, tokenizer, *, prompts: list[list[int]], steps: int, out:
     caches = [pipe.make_cache() for _ in prompts]
     seqs = [mx.array([p], dtype=mx.int32) for p in prompts]  # each [1, L]
     results: dict[str, np.ndarray] = {}
-    pend = [pipe.submit(t, c) for t, c in zip(seqs, caches)]
+    pend = [submit_step(pipe, t, c) for t, c in zip(seqs, caches)]
     tokens = []
     for i, p in enumerate(pend):
         logits = p.result().astype(mx.float32)           # [1, L, vocab]
@@ -107,7 +115,7 @@ def greedy_logits(pipe, tokenizer, *, prompts: list[list[int]], steps: int, out:
             print(f"decode step {s}", flush=True)
             time.sleep(hold_s)
         if micro_batches:
-            pend = [pipe.submit(mx.array([[t[-1]]], dtype=mx.int32), c) for t, c in zip(tokens, caches)]
+            pend = [submit_step(pipe, mx.array([[t[-1]]], dtype=mx.int32), c) for t, c in zip(tokens, caches)]
             outs = [p.result() for p in pend]
         else:
             outs = [pipe(mx.array([[t[-1]]], dtype=mx.int32), c) for t, c in zip(tokens, caches)]
@@ -139,7 +147,7 @@ def decode_bench(pipe, tokenizer, *, streams: int, prompt_len: int, steps: int, 
 
     def submit(g: int):
         toks = mx.array([[last[i]] for i in groups[g]], dtype=mx.int32)  # [B, 1]
-        return pipe.submit(toks, caches[g])
+        return submit_step(pipe, toks, caches[g])
 
     rounds: list[float] = []  # seconds per round (every stream one token), steady state
 

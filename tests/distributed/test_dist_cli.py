@@ -3,7 +3,6 @@ single process prints; `k2mlx cluster up/status/down` serves, reports and stops;
 under the server ends everything within 10 s."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from k2mlx.distributed import state as cstate
 from test_dist_faults import LIMIT_S, assert_all_gone
 
 
@@ -34,7 +34,8 @@ def test_generate_hosts_prints_same_text_as_single_process(tiny_checkpoint, tmp_
     assert pp.stdout == single.stdout
 
 
-def test_cluster_up_status_down_and_rank_loss(tiny_checkpoint, tiny_tokenizer, tmp_path):
+def test_cluster_up_status_down_and_rank_loss(tiny_checkpoint, tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("K2MLX_STATE_DIR", str(tmp_path))
     env = {**os.environ, "K2MLX_STATE_DIR": str(tmp_path)}
     port = 18000 + os.getpid() % 1000
     up = k2("cluster", "up", "--hosts", "127.0.0.1,127.0.0.1", "--model", str(tiny_checkpoint),
@@ -49,7 +50,7 @@ def test_cluster_up_status_down_and_rank_loss(tiny_checkpoint, tiny_tokenizer, t
         r = httpx.post(f"{url}/chat/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
 
-        state = json.loads((tmp_path / "cluster.json").read_text())
+        [(_, state)] = cstate.running()
         pids = [x["pid"] for x in state["ranks"]]
         launcher = state["launcher_pid"]
         # a long streaming request in flight when rank 1 dies must end, not hang
@@ -95,3 +96,43 @@ def test_cluster_up_status_down_and_rank_loss(tiny_checkpoint, tiny_tokenizer, t
     finally:
         down = k2("cluster", "down", env=env)
         assert down.returncode == 0
+
+
+def test_generate_hosts_while_cluster_up_leaves_it_alone_and_down_stops_it(tiny_checkpoint, tmp_path,
+                                                                            monkeypatch):
+    """Issue 13: `generate --hosts` during `cluster up` used to overwrite the cluster's state, so
+    `status` saw no cluster and `down` said "stopped" while the ranks kept serving."""
+    monkeypatch.setenv("K2MLX_STATE_DIR", str(tmp_path))
+    env = {**os.environ, "K2MLX_STATE_DIR": str(tmp_path)}
+    hosts = "127.0.0.1,127.0.0.1"
+    port = 19000 + os.getpid() % 1000
+    up = k2("cluster", "up", "--hosts", hosts, "--model", str(tiny_checkpoint), "--port", str(port),
+            "--wait", "120", env=env)
+    pids = []
+    try:
+        assert up.returncode == 0, up.stderr
+        [(path, st)] = cstate.running()
+        pids = [r["pid"] for r in st["ranks"]] + [st["launcher_pid"]]
+        gen = k2("generate", "--model", str(tiny_checkpoint), "--prompt", "hi", "--temp", "0",
+                 "--max-tokens", "4", "--hosts", hosts, env=env)
+        assert gen.returncode == 0, gen.stderr
+        assert [p for p, _ in cstate.running()] == [path] and cstate.read(path) == st
+        status = k2("cluster", "status", env=env)
+        assert status.returncode == 0 and "ok" in status.stdout, status.stdout
+        again = k2("cluster", "up", "--hosts", hosts, "--model", str(tiny_checkpoint), "--port",
+                   str(port), "--wait", "60", env=env)
+        assert again.returncode != 0 and "already running" in again.stderr, again.stderr
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 200
+        down = k2("cluster", "down", env=env)
+        assert down.returncode == 0 and "cluster stopped" in down.stdout, down.stdout + down.stderr
+        assert_all_gone(pids, within=1.0)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+        assert cstate.running() == []
+        assert "no cluster is running" in k2("cluster", "down", env=env).stdout
+    finally:
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
