@@ -2,7 +2,10 @@
 
 WAL journal and one transaction per message: after a crash (kill -9 mid-reply) every message
 committed before it is intact and the file opens cleanly. The store is used from the app's
-event-loop thread only; each write is a few milliseconds."""
+event-loop thread only; each write is a few milliseconds.
+
+Conversations hold file contents and command output: the database (and its -wal/-shm files)
+is 0600 and the default folder 0700, tightened on every open if they were created looser."""
 from __future__ import annotations
 
 import json
@@ -60,16 +63,43 @@ class SessionInfo:
     n_messages: int = 0
 
 
+def _private_folder(folder: Path, *, tighten: bool) -> None:
+    """Create `folder` 0700; `tighten`: also make an existing one 0700 (the default k2mlx folder,
+    never a folder the user named with --sessions-db)."""
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        tighten = True
+    if tighten and folder.stat().st_uid == os.getuid():
+        os.chmod(folder, 0o700)
+
+
+def _private_file(path: Path) -> None:
+    """The database file exists as 0600 before SQLite opens it (SQLite gives its -wal and -shm
+    files the database's permissions)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        if os.fstat(fd).st_uid == os.getuid():
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 class SessionStore:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path else default_db_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private_folder(self.path.parent, tighten=path is None and not os.environ.get("K2MLX_SESSIONS_DB"))
+        _private_file(self.path)
         # autocommit mode: every write below opens and commits its own transaction explicitly
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: committed survives a process kill
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        for side in ("-wal", "-shm"):  # made looser by an older k2mlx: tighten
+            extra = self.path.with_name(self.path.name + side)
+            if extra.exists() and extra.stat().st_uid == os.getuid():
+                os.chmod(extra, 0o600)
 
     def close(self) -> None:
         self.db.close()

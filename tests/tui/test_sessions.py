@@ -117,3 +117,34 @@ def test_cluster_panel_renders_a_health_snapshot():
     rows = [line.split() for line in shown.splitlines() if "mac-studio" in line and "heartbeat" not in line]
     assert [r[0] for r in rows] == ["0", "1"] and [r[-1] for r in rows] == ["ok", "late"]
     assert "not attached to a cluster" in text(None)
+
+
+def test_database_is_private(tmp_path, monkeypatch):
+    """Sessions hold file contents and command output: 0600 database (and WAL files), 0700 folder."""
+    import stat
+
+    monkeypatch.delenv("K2MLX_SESSIONS_DB", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    old = os.umask(0o022)  # a usual umask would make both world-readable
+    try:
+        store = SessionStore()
+        sid = store.create(model="k2-nano")
+        store.add_message(sid, ChatMessage("user", "my secret"))
+        folder = tmp_path / "data" / "k2mlx"
+        mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+        assert store.path == folder / "sessions.db"
+        assert mode(folder) == 0o700
+        files = [p for p in folder.iterdir() if p.name.startswith("sessions.db")]
+        assert {p.name for p in files} >= {"sessions.db", "sessions.db-wal", "sessions.db-shm"}
+        assert all(mode(p) == 0o600 for p in files), {p.name: oct(mode(p)) for p in files}
+        store.close()
+        # made looser by an older version: the next open tightens them
+        os.chmod(folder, 0o755)
+        os.chmod(folder / "sessions.db", 0o644)  # (closing removed the -wal and -shm files)
+        SessionStore().close()
+        assert mode(folder) == 0o700 and mode(folder / "sessions.db") == 0o600
+        custom = tmp_path / "mine" / "s.db"  # --sessions-db: the file is private too
+        SessionStore(custom).close()
+        assert mode(custom) == 0o600 and mode(custom.parent) == 0o700
+    finally:
+        os.umask(old)
