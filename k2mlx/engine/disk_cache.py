@@ -48,10 +48,16 @@ def default_dir() -> Path:
     return Path(base) / "prompt-cache"
 
 
-def model_identity(path: str | os.PathLike | None, args, layer_range, quantization=None) -> str:
+def model_identity(path: str | os.PathLike | None, args, layer_range, quantization=None, model=None) -> str:
     """A hash of everything that changes the cached values: the config, the weight index and
-    shard sizes, the quantization and the layers this process owns."""
+    shard sizes, the quantization, the layers this process owns and (given `model`) the name,
+    shape and dtype of every parameter, which also tells a model quantized on load apart."""
     h = hashlib.sha256(FORMAT.encode())
+    if model is not None:
+        from mlx.utils import tree_flatten
+
+        for name, arr in tree_flatten(model.parameters()):
+            h.update(f"{name}:{tuple(arr.shape)}:{arr.dtype};".encode())
     if path is not None:
         p = Path(path)
         for name in ("config.json", "model.safetensors.index.json"):
@@ -434,3 +440,15 @@ class DiskPrefixCache:
         return {"dir": str(self.folder), "bytes": self._size, "max_bytes": self.max_bytes, "hits": self.hits,
                 "misses": self.misses, "loaded_tokens": self.loaded_tokens, "written_blocks": self.written_blocks,
                 "bad_files": self.bad_files}
+
+
+def open_prompt_cache(model, path, directory=None, max_gb: float = 20.0, block: int = 256):
+    """The disk cache for a loaded model (None when max_gb <= 0). Raises OSError when the
+    folder cannot be made."""
+    if max_gb <= 0:
+        return None
+    args = model.args
+    ident = model_identity(path, args, model.layer_range, model=model)
+    width = int(getattr(args, "kv_lora_rank", 0) + getattr(args, "qk_rope_head_dim", 0)) or 1 << 12
+    return DiskPrefixCache(directory or default_dir(), int(max_gb * (1 << 30)), ident, list(model.layer_range),
+                           block=block, width=width)
