@@ -8,7 +8,8 @@ CLASS_FLAGS = {"expert": "experts", "shared": "shared", "attention": "attention"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="CONFIG_OR_DIR",
-                        help="config.json or a model folder (weights are not read)")
+                        help="config.json, a model folder or a Hugging Face repo id in the local cache "
+                             "(weights are not read)")
     parser.add_argument("--hosts", type=int, default=None, help="number of hosts (default: one per --memory)")
     parser.add_argument("--memory", default="512", metavar="GB[,GB...]",
                         help="RAM per host as Apple sells it (512 = 512 GiB), one value for all hosts "
@@ -46,10 +47,13 @@ def run(args) -> int:
     import json
 
     from k2mlx.config import ModelArgs, load_config_file
+    from k2mlx.loading.checkpoint import folder_mla_weights
     from k2mlx.loading.plan import make_plan
+    from k2mlx.loading.resolve import resolve_model
 
-    cfg = load_config_file(args.model)
-    margs = ModelArgs.from_dict(cfg, path=str(args.model))
+    model = resolve_model(args.model, allow_file=True)  # a folder, config.json or cached repo id
+    cfg = load_config_file(model)
+    margs = ModelArgs.from_dict(cfg, path=str(model))
     class_bits = {c: getattr(args, f"{flag}_bits") for flag, c in CLASS_FLAGS.items()
                   if getattr(args, f"{flag}_bits") is not None}
     own = cfg.get("quantization") or {}  # an MLX checkpoint: plan what it holds unless told otherwise
@@ -62,7 +66,7 @@ def run(args) -> int:
     paths = {k: v for k, v in own.items() if isinstance(v, (dict, bool))} \
         if args.bits is None and not class_bits else None
     plan = make_plan(margs, memories(args.memory, args.hosts), bits, group_size, args.context,
-                     class_bits or None, paths)
+                     class_bits or None, paths, folder_mla_weights(model, margs))
     if args.json:
         print(json.dumps(plan))
         return 0

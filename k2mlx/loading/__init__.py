@@ -99,12 +99,18 @@ def _check_and_cast(model, weights: dict, index: dict, path: Path, dtype) -> lis
 
 
 def load_model(path=None, layers=None, dtype=None, lazy: bool = False, bits: int | None = None,
-               group_size: int = 64, class_bits: dict | None = None):
+               group_size: int = 64, class_bits: dict | None = None, moe_path: str | None = None):
     """Build and load the model (or the pipeline stage holding `layers`) from a folder.
 
     bits/group_size/class_bits: quantize float weights (bf16, or FP8 after its exact
-    dequantization) on load; modules stored quantized keep their own codes."""
+    dequantization) on load; modules stored quantized keep their own codes. moe_path:
+    auto (default; K2MLX_MOE_PATH when None) | switch | reference | kernel, decided once here
+    by k2mlx.kernels.policy."""
     import mlx.core as mx
+
+    from k2mlx.kernels.policy import configure, requested_path
+
+    moe_path = requested_path(moe_path)  # a bad value fails here, before minutes of loading
 
     from k2mlx.loading.checkpoint import is_needed, mla_weights_of, read_tensors, tensor_index
     from k2mlx.loading.formats.compressed_tensors import load_quantization
@@ -134,6 +140,7 @@ def load_model(path=None, layers=None, dtype=None, lazy: bool = False, bits: int
     if not lazy:
         _materialize(model)
     model.eval()
+    configure(model, moe_path)
     return model
 
 

@@ -71,6 +71,16 @@ def mla_weights_of(index, args, path=None) -> str:
     return "split" if split else "kv_b"
 
 
+def folder_mla_weights(path, args) -> str:
+    """`mla_weights_of` for a folder (or its config.json) from the index or shard headers only;
+    "kv_b" when the folder holds no weights (a bare config.json)."""
+    p = Path(path)
+    folder = p.parent if p.is_file() else p
+    if not (folder / INDEX_FILE).exists() and not any(folder.glob("*.safetensors")):
+        return "kv_b"
+    return mla_weights_of(tensor_index(folder), args, folder)
+
+
 def is_needed(name: str, args, layers: range) -> bool:
     """Whether the model holding `layers` uses the checkpoint tensor `name`."""
     canon = canonical_name(name, args.num_hidden_layers)

@@ -121,9 +121,11 @@ class Converter:
         from the lazily built model (costs no memory)."""
         from mlx.utils import tree_flatten
 
+        from k2mlx.loading.checkpoint import mla_weights_of
         from k2mlx.model.k2 import Model
 
-        model = Model(self.args)
+        # the source's MLA layout is kept (mlx-lm's embed_q/unembed_out stay split per head)
+        model = Model(self.args, mla_weights=mla_weights_of(self.weight_map, self.args, self.src))
         self.expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
         self.quantizable = {p: m["weight"].shape[-1] for p, m in model.named_modules()
                             if hasattr(m, "to_quantized") and "weight" in m}

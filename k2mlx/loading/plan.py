@@ -49,25 +49,29 @@ class Sizes:
         return self.kv_bytes_per_token_layer * len(self.layer_bytes)
 
 
-def _default_factory(args):
+def _default_factory(args, mla_weights: str = "kv_b"):
     from k2mlx.model.k2 import Model
 
-    return Model(args)
+    return Model(args, mla_weights=mla_weights)
 
 
 def measure(args, bits: int = 4, group_size: int = 64, class_bits: dict | None = None,
-            model_factory=None, kv_dtype_bytes: int = 2, paths: dict | None = None) -> Sizes:
+            model_factory=None, kv_dtype_bytes: int = 2, paths: dict | None = None,
+            mla_weights: str = "kv_b") -> Sizes:
     """Count params and bytes of a lazily built model (bits >= 16: keep everything bf16).
 
-    paths: per-module entries of an MLX `quantization` ({path: {bits, group_size} | False})."""
+    paths: per-module entries of an MLX `quantization` ({path: {bits, group_size} | False});
+    K2.5-family `language_model.` keys are accepted. mla_weights: the checkpoint's MLA layout
+    ("kv_b", or mlx-lm's "split" embed_q/unembed_out, which quantizes along other axes)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from k2mlx.loading.formats.mlx import rule_predicate, rule_quantization
+    from k2mlx.loading.formats.mlx import rule_predicate, rule_quantization, text_quantization
     from k2mlx.loading.shards import layer_of
 
-    model = (model_factory or _default_factory)(args)
+    paths = text_quantization(paths)
+    model = model_factory(args) if model_factory else _default_factory(args, mla_weights)
     n_layers = args.num_hidden_layers
     layer_params = [0] * n_layers
     total = routed = 0
@@ -102,18 +106,21 @@ def measure(args, bits: int = 4, group_size: int = 64, class_bits: dict | None =
 
 
 @functools.lru_cache(maxsize=16)
-def _measure_cached(config_json: str, bits: int, group_size: int, class_bits_json: str, paths_json: str) -> Sizes:
+def _measure_cached(config_json: str, bits: int, group_size: int, class_bits_json: str, paths_json: str,
+                    mla_weights: str = "kv_b") -> Sizes:
     from k2mlx.config import ModelArgs
 
     return measure(ModelArgs.from_dict(json.loads(config_json)), bits, group_size,
-                   json.loads(class_bits_json) or None, paths=json.loads(paths_json) or None)
+                   json.loads(class_bits_json) or None, paths=json.loads(paths_json) or None,
+                   mla_weights=mla_weights)
 
 
 def sizes_for(args, bits: int = 4, group_size: int = 64, class_bits: dict | None = None,
-              paths: dict | None = None) -> Sizes:
+              paths: dict | None = None, mla_weights: str = "kv_b") -> Sizes:
     """`measure`, cached per (config, rule): split_layers and the CLI ask repeatedly."""
     return _measure_cached(json.dumps(args.to_dict(), sort_keys=True, default=str), bits, group_size,
-                           json.dumps(class_bits or {}, sort_keys=True), json.dumps(paths or {}, sort_keys=True))
+                           json.dumps(class_bits or {}, sort_keys=True), json.dumps(paths or {}, sort_keys=True),
+                           mla_weights)
 
 
 def os_reserve_gb(memory_gb: float) -> float:
@@ -170,24 +177,25 @@ def _split(costs: list[int], first_extra: int, last_extra: int, capacities: list
 
 
 def split_layers(args, memories_gb, bits: int = 4, group_size: int = 64, context: int = 0,
-                 class_bits: dict | None = None, paths: dict | None = None) -> list[range]:
+                 class_bits: dict | None = None, paths: dict | None = None,
+                 mla_weights: str = "kv_b") -> list[range]:
     """Memory-balanced contiguous layer ranges, one per host (see the module docstring).
 
     args: ModelArgs; memories_gb: RAM of each host in GiB, in pipeline order; bits/group_size:
     the quantization the hosts will load (bits 16 = bf16); context: tokens of latent KV cache
     to reserve per host for its own layers; class_bits / paths: per-class bits and per-module
-    MLX quantization entries (as in convert)."""
-    s = sizes_for(args, bits, group_size, class_bits, paths)
+    MLX quantization entries (as in convert); mla_weights: the checkpoint's MLA layout."""
+    s = sizes_for(args, bits, group_size, class_bits, paths, mla_weights)
     kv_layer = s.kv_bytes_per_token_layer * context
     costs = [b + kv_layer for b in s.layer_bytes]
     return _split(costs, s.embed_bytes, s.head_bytes, [usable_bytes(m) for m in memories_gb])
 
 
 def make_plan(args, memories_gb, bits: int = 4, group_size: int = 64, context: int = 0,
-              class_bits: dict | None = None, paths: dict | None = None) -> dict:
+              class_bits: dict | None = None, paths: dict | None = None, mla_weights: str = "kv_b") -> dict:
     """Everything `k2mlx plan` prints, as one JSON-able dict."""
-    s = sizes_for(args, bits, group_size, class_bits, paths)
-    ranges = split_layers(args, memories_gb, bits, group_size, context, class_bits, paths)
+    s = sizes_for(args, bits, group_size, class_bits, paths, mla_weights)
+    ranges = split_layers(args, memories_gb, bits, group_size, context, class_bits, paths, mla_weights)
     hosts = []
     for h, (r, mem) in enumerate(zip(ranges, memories_gb)):
         weights = sum(s.layer_bytes[i] for i in r) + (s.embed_bytes if h == 0 else 0) + (

@@ -9,9 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from k2mlx.config import ModelArgs
-from k2mlx.kernels.dispatch import moe_forward
-from k2mlx.kernels.reference import gather_mm_any, route_reference
-from k2mlx.kernels.router import available as fused_router_available, fused_route
+from k2mlx.kernels.dispatch import LayerPlan, layer_experts, layer_route
+from k2mlx.kernels.reference import gather_mm_any, route_compiled
 
 # Sort tokens by expert when at least this many (token, expert) pairs are routed: gathers then
 # walk each expert's weights once (prefill); for a few decode tokens sorting costs more.
@@ -33,7 +32,7 @@ class MLP(nn.Module):
 
 # noaux_tc routing (see route_reference), one fused graph per (shape, top_k, groups) like
 # mlx-lm's router. logits [..., E] -> (expert indices [..., k], weights [..., k] float32)
-route = mx.compile(route_reference)
+route = route_compiled
 
 
 class MoEGate(nn.Module):
@@ -46,17 +45,17 @@ class MoEGate(nn.Module):
         self.norm_topk_prob = args.norm_topk_prob
         self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))  # [E, hidden]
         self.e_score_correction_bias = mx.zeros((args.n_routed_experts,))  # [E]
+        self.plan = LayerPlan()  # replaced by MoE with the layer's shared plan
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         # Logits in the weight's dtype (float32 checkpoints: exactly the reference's float32
         # router); scores, selection and weights in float32. Up-casting a bf16 router weight
         # every step would cost K2 ~1 GB of extra memory traffic per token.
         logits = x.astype(self.weight.dtype) @ self.weight.T  # [..., E]
-        route_fn = fused_route if fused_router_available(
-            logits.shape[-1], self.top_k, self.n_group, self.topk_group) else route
-        return route_fn(
-            logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
-            self.routed_scaling_factor, self.norm_topk_prob,
+        # the router path (compiled MLX ops, or the fused kernel) was chosen at load
+        return layer_route(
+            self.plan, logits, self.e_score_correction_bias, self.top_k, self.n_group,
+            self.topk_group, self.routed_scaling_factor, self.norm_topk_prob,
         )
 
 
@@ -84,9 +83,9 @@ class QuantizedSwitchLinear(nn.Module):
     def __init__(self, input_dims, output_dims, num_experts, group_size=None, bits=None,
                  mode="affine", weight=None):
         super().__init__()
-        from mlx.nn.layers.quantized import _defaults_for_mode
+        from k2mlx.mlxlm_adapter import quant_defaults
 
-        self.group_size, self.bits = _defaults_for_mode(mode, group_size, bits)
+        self.group_size, self.bits = quant_defaults(mode, group_size, bits)
         self.mode = mode
         if weight is None:
             # placeholders of the right shapes (replaced when the checkpoint loads)
@@ -136,6 +135,9 @@ class MoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate = MoEGate(args)
+        # how the router and routed experts run: the default (switch, compiled router) until
+        # k2mlx.kernels.policy.configure sets it at load; one object shared with the gate
+        self.plan = self.gate.plan
         self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts)
         if args.n_shared_experts:
             self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
@@ -143,6 +145,5 @@ class MoE(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         inds, weights = self.gate(x)  # [..., k], [..., k]
         shared = self.shared_experts(x) if "shared_experts" in self else None
-        # sum_j weights_j * switch_mlp(x, inds)_j (+ shared), by k2mlx.kernels: grouped by
-        # expert (Metal/CUDA kernels for small batches, sorted gather_qmm elsewhere)
-        return moe_forward(x, inds, weights, self.switch_mlp, shared)  # [..., hidden]
+        # sum_j weights_j * switch_mlp(x, inds)_j (+ shared) on the path planned at load
+        return layer_experts(self.plan, x, inds, weights, self.switch_mlp, shared)  # [..., hidden]

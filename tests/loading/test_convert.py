@@ -11,6 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import k2mlx
+import k2mlx.loading
 from k2mlx.cli import main as cli_main
 from k2mlx.loading.convert import convert
 from k2mlx.loading.formats.mlx import module_params
@@ -75,7 +76,7 @@ def _header(path):
 def test_convert_equals_in_memory_quantization(converted, bf16_case):
     """Converting streams tensor by tensor but must give exactly what quantizing the loaded
     bf16 model in memory gives (mlx-lm's way): same words, scales and biases."""
-    model, _ = k2mlx.load(bf16_case[0], dtype="bfloat16")
+    model = k2mlx.loading.load_model(bf16_case[0], dtype="bfloat16")
     nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized"))
     want = dict(tree_flatten(model.parameters()))
     got = {}
@@ -103,8 +104,8 @@ def test_logits_within_derived_tolerance(bits, converted, bf16_case, prompt_toke
     the ~N matmuls a token passes through add in quadrature, so the logits move by about
     sqrt(N) * rms(e) relative to their norm. We allow twice that for the median position
     (a position whose expert choice flips moves more: that is the MoE, not the format)."""
-    src, _ = k2mlx.load(bf16_case[0], dtype="float32")
-    model, _ = k2mlx.load(converted[("bf16", bits)], dtype="float32")
+    src = k2mlx.loading.load_model(bf16_case[0], dtype="float32")
+    model = k2mlx.loading.load_model(converted[("bf16", bits)], dtype="float32")
     errs = [_relative_quant_error(np.array(v), bits, 32) for k, v in tree_flatten(src.parameters())
             if k.endswith("proj.weight") and v.ndim == 2 and "switch_mlp" not in k]
     n_matmuls = 2 + 7 * src.args.num_hidden_layers  # embed, head; q_a, q_b, kv_a, kv_b, o, up/gate, down
@@ -118,8 +119,8 @@ def test_logits_within_derived_tolerance(bits, converted, bf16_case, prompt_toke
 
 
 def test_greedy_8bit_equals_source(converted, confident_case):
-    src, _ = k2mlx.load(confident_case, dtype="float32")
-    q8, _ = k2mlx.load(converted[("confident", 8)], dtype="float32")
+    src = k2mlx.loading.load_model(confident_case, dtype="float32")
+    q8 = k2mlx.loading.load_model(converted[("confident", 8)], dtype="float32")
     assert q8.model.layers[1].mlp.switch_mlp.gate_proj.bits == 8
     rs = np.random.RandomState(11)
     for _ in range(6):
@@ -144,7 +145,7 @@ def test_int4_kept_native(int4_case, ref, prompt_tokens, tmp_path):
     for e in (0, 15):
         want = src_words[f"model.layers.2.mlp.experts.{e}.up_proj.weight_packed"].view(mx.uint32)
         assert mx.array_equal(got["model.layers.2.mlp.switch_mlp.up_proj.weight"][e], want).item()
-    model, _ = k2mlx.load(out, dtype="float32")
+    model = k2mlx.loading.load_model(out, dtype="float32")
     err = np.abs(_logits(model, prompt_tokens) - ref.reference_logits(reference, prompt_tokens)).max()
     assert err < TOL_EXACT, f"max abs error {err:.3g}"
 
@@ -152,13 +153,13 @@ def test_int4_kept_native(int4_case, ref, prompt_tokens, tmp_path):
 def test_fp8_convert_exact_and_quantized(fp8_case, ref, prompt_tokens, tmp_path):
     folder, reference = fp8_case
     f32 = convert(folder, tmp_path / "fp8-f32", bits=16, dtype="float32", progress=False).out
-    model, _ = k2mlx.load(f32)
+    model = k2mlx.loading.load_model(f32)
     err = np.abs(_logits(model, prompt_tokens) - ref.reference_logits(reference, prompt_tokens)).max()
     assert err < TOL_EXACT, f"max abs error {err:.3g}"
     # quantizing on convert == quantizing on load (FP8 -> exact float -> bf16 -> 4-bit)
     q4 = convert(folder, tmp_path / "fp8-q4", bits=4, group_size=32, dtype="bfloat16", progress=False).out
-    a, _ = k2mlx.load(q4)
-    b, _ = k2mlx.load(folder, dtype="bfloat16", bits=4, group_size=32)
+    a = k2mlx.loading.load_model(q4)
+    b = k2mlx.loading.load_model(folder, dtype="bfloat16", bits=4, group_size=32)
     pa, pb = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
     assert set(pa) == set(pb)
     for k in pa:
@@ -175,7 +176,7 @@ def test_per_class_bits(bf16_case, tmp_path, prompt_tokens, capsys):
     assert q["model.layers.0.self_attn.kv_b_proj"] == {"group_size": 32, "bits": 8}
     assert q["model.embed_tokens"] is False
     assert "model.layers.1.mlp.shared_experts.up_proj" not in q  # default bits: no entry
-    model, _ = k2mlx.load(out, dtype="float32")
+    model = k2mlx.loading.load_model(out, dtype="float32")
     layer = model.model.layers[2]
     assert layer.mlp.switch_mlp.gate_proj.bits == 4 and layer.self_attn.o_proj.bits == 8
     assert layer.mlp.shared_experts.up_proj.bits == 6

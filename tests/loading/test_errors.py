@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import k2mlx
+import k2mlx.loading
 from k2mlx.errors import CheckpointError
 from k2mlx.loading.convert import convert
 from k2mlx.loading.formats.writer import write_safetensors
@@ -88,7 +89,7 @@ CASES = {"missing shard": _missing_shard, "truncated file": _truncated,
 def test_load_error_names_file_and_tensor(case, broken):
     file, tensor = CASES[case](broken)
     with pytest.raises(CheckpointError) as e:
-        k2mlx.load(broken)
+        k2mlx.loading.load_model(broken)
     msg = str(e.value)
     assert file in msg and tensor in msg, msg
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import k2mlx
+import k2mlx.loading
 from k2mlx.errors import CheckpointError, ConfigError
 from k2mlx.loading.formats import compressed_tensors as ct
 from k2mlx.loading.formats import detect, fp8
@@ -122,7 +123,7 @@ def test_int4_checkpoint_matches_reference(int4_case, ref, prompt_tokens):
     folder, reference = int4_case
     names = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.1.mlp.experts.3.down_proj.weight_packed" in names  # the real layout
-    model, _ = k2mlx.load(folder, dtype="float32")
+    model = k2mlx.loading.load_model(folder, dtype="float32")
     sw = model.model.layers[1].mlp.switch_mlp.down_proj
     assert (sw.bits, sw.group_size) == (4, 32) and sw["weight"].dtype == mx.uint32
     # not requantized: the packed words are the file's words
@@ -137,7 +138,7 @@ def test_int4_checkpoint_matches_reference(int4_case, ref, prompt_tokens):
 
 def test_fp8_checkpoint_matches_reference(fp8_case, ref, prompt_tokens):
     folder, reference = fp8_case
-    model, _ = k2mlx.load(folder, dtype="float32")
+    model = k2mlx.loading.load_model(folder, dtype="float32")
     want = ref.reference_logits(reference, prompt_tokens)
     err = np.abs(_logits(model, prompt_tokens) - want).max()
     assert err < TOL, f"max abs error {err:.3g}"
@@ -149,9 +150,9 @@ def test_k25_nested_int4_loads_and_converts(k25_int4_case, ref, prompt_tokens, t
     folder, reference = k25_int4_case
     names = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     assert all(n.startswith("language_model.") for n in names)
-    model, _ = k2mlx.load(folder, dtype="float32")
+    model = k2mlx.loading.load_model(folder, dtype="float32")
     want = ref.reference_logits(reference, prompt_tokens)
     assert np.abs(_logits(model, prompt_tokens) - want).max() < TOL
     out = convert(folder, tmp_path / "k25-mlx", bits=16, class_bits={"experts": 4}, progress=False).out
-    converted, _ = k2mlx.load(out, dtype="float32")
+    converted = k2mlx.loading.load_model(out, dtype="float32")
     assert np.abs(_logits(converted, prompt_tokens) - want).max() < TOL

@@ -11,6 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import k2mlx
+import k2mlx.loading
 from k2mlx.loading.convert import convert
 from k2mlx.loading.formats.mlx import module_class, module_params
 from k2mlx.loading.formats.writer import ShardWriter
@@ -24,8 +25,8 @@ def _params(model):
 def test_every_bit_width_round_trips(bits, bf16_case, tmp_path):
     """convert at `bits` -> load == quantizing the bf16 model in memory at `bits`."""
     out = convert(bf16_case[0], tmp_path / f"q{bits}", bits=bits, group_size=32, progress=False).out
-    got, _ = k2mlx.load(out)
-    want, _ = k2mlx.load(bf16_case[0], dtype="bfloat16")
+    got = k2mlx.loading.load_model(out)
+    want = k2mlx.loading.load_model(bf16_case[0], dtype="bfloat16")
     nn.quantize(want, group_size=32, bits=bits, class_predicate=lambda p, m: hasattr(m, "to_quantized"))
     assert got.model.layers[1].mlp.switch_mlp.up_proj.bits == bits
     pg, pw = _params(got), _params(want)
@@ -53,8 +54,8 @@ def test_per_expert_quantized_layout_loads_like_stacked(bf16_case, tmp_path, pro
     shutil.copy(stacked / "config.json", per_expert / "config.json")
     names = json.loads((per_expert / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.1.mlp.experts.7.gate_proj.scales" in names
-    a, _ = k2mlx.load(stacked, dtype="float32")
-    b, _ = k2mlx.load(per_expert, dtype="float32")
+    a = k2mlx.loading.load_model(stacked, dtype="float32")
+    b = k2mlx.loading.load_model(per_expert, dtype="float32")
     x = mx.array([prompt_tokens])
     assert np.array_equal(np.array(a(x)), np.array(b(x)))
 
@@ -76,8 +77,8 @@ def test_requantize_an_mlx_checkpoint(bf16_case, tmp_path, prompt_tokens):
     q8 = convert(bf16_case[0], tmp_path / "q8", bits=8, group_size=32, progress=False).out
     q4 = convert(q8, tmp_path / "q4", bits=4, group_size=32, progress=False).out
     assert json.loads((q4 / "config.json").read_text())["quantization"]["bits"] == 4
-    model, _ = k2mlx.load(q4, dtype="float32")
-    src, _ = k2mlx.load(bf16_case[0], dtype="float32")
+    model = k2mlx.loading.load_model(q4, dtype="float32")
+    src = k2mlx.loading.load_model(bf16_case[0], dtype="float32")
     assert model.model.layers[2].mlp.switch_mlp.down_proj.bits == 4
     a = np.array(src(mx.array([prompt_tokens])))[0]
     b = np.array(model(mx.array([prompt_tokens])))[0]

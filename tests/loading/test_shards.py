@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import k2mlx
+import k2mlx.loading
 from mlx_lm.models.base import create_attention_mask
 from k2mlx.errors import CheckpointError, K2Error
 from k2mlx.loading import shards
@@ -63,9 +64,9 @@ def test_load_stage_opens_only_its_shards(layers, bf16_case, tmp_path):
     folder = bf16_case[0]
     needed = shards.files_for_layers(folder, layers)
     part = _only(folder, needed, tmp_path / "part")
-    stage, _ = k2mlx.load(part, layers=layers, dtype="float32")
+    stage = k2mlx.loading.load_model(part, layers=layers, dtype="float32")
     assert stage.layer_range == layers
-    full, _ = k2mlx.load(folder, dtype="float32")
+    full = k2mlx.loading.load_model(folder, dtype="float32")
     tokens = mx.array([[5, 9, 200, 3]])
     hs = [full.embed(tokens)]
     mask = create_attention_mask(hs[0], None, return_array=True)
@@ -83,7 +84,7 @@ def test_missing_needed_shard_names_file(bf16_case, tmp_path):
     needed = shards.files_for_layers(folder, range(1, 2))
     part = _only(folder, [], tmp_path / "none")
     with pytest.raises(CheckpointError) as e:
-        k2mlx.load(part, layers=range(1, 2))
+        k2mlx.loading.load_model(part, layers=range(1, 2))
     assert needed[0] in str(e.value) and "model.layers.1." in str(e.value)
 
 

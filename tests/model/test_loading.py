@@ -11,6 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import k2mlx
+import k2mlx.loading
 from k2mlx.config import ModelArgs
 from k2mlx.errors import CheckpointError, ConfigError
 from k2mlx.loading import load_model
@@ -29,7 +30,7 @@ def _copy(src, dst):
 
 @pytest.fixture(scope="module")
 def float_model(k2_folder):
-    return k2mlx.load(k2_folder)[0]
+    return k2mlx.loading.load_model(k2_folder)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def _dequantized_model(qmodel):
 
 
 def test_quantized_checkpoint_matches_dequantized(quantized_folder, prompt):
-    q, _ = k2mlx.load(quantized_folder)
+    q = k2mlx.loading.load_model(quantized_folder)
     assert q.model.layers[1].mlp.switch_mlp.gate_proj.weight.dtype == mx.uint32
     assert q.model.layers[1].self_attn.kv_b_proj.weight.dtype == mx.uint32
     assert q.lm_head.bits == 8 and q.lm_head.group_size == 64
@@ -146,7 +147,7 @@ def test_missing_config_key_is_named(k2_folder, tmp_path):
     folder = _copy(k2_folder, tmp_path / "ck")
     _edit_config(folder, lambda c: c.pop("kv_lora_rank"))
     with pytest.raises(ConfigError) as e:
-        k2mlx.load(folder)
+        k2mlx.loading.load_model(folder)
     assert "kv_lora_rank" in str(e.value) and e.value.key == "kv_lora_rank"
 
 
@@ -154,7 +155,7 @@ def test_unknown_model_type_is_named(k2_folder, tmp_path):
     folder = _copy(k2_folder, tmp_path / "ck")
     _edit_config(folder, lambda c: c.update(model_type="llama"))
     with pytest.raises(ConfigError) as e:
-        k2mlx.load(folder)
+        k2mlx.loading.load_model(folder)
     assert "llama" in str(e.value) and e.value.key == "model_type"
 
 
@@ -167,7 +168,7 @@ def test_bad_shape_names_tensor_and_file(k2_folder, tmp_path):
     t["model.layers.1.self_attn.kv_b_proj.weight"] = np.zeros((3, 5), np.float32)
     save_file(t, str(shard))
     with pytest.raises(CheckpointError) as e:
-        k2mlx.load(folder)
+        k2mlx.loading.load_model(folder)
     msg = str(e.value)
     assert "model.layers.1.self_attn.kv_b_proj.weight" in msg and shard.name in msg
     assert "[3, 5]" in msg
@@ -185,7 +186,7 @@ def test_missing_tensor_names_it(k2_folder, tmp_path):
     del idx["weight_map"]["model.layers.2.post_attention_layernorm.weight"]
     (folder / "model.safetensors.index.json").write_text(json.dumps(idx))
     with pytest.raises(CheckpointError) as e:
-        k2mlx.load(folder)
+        k2mlx.loading.load_model(folder)
     assert "model.layers.2.post_attention_layernorm.weight" in str(e.value)
     # a missing expert names the expert tensor
     shard2 = folder / "model-00002-of-00003.safetensors"
@@ -195,7 +196,7 @@ def test_missing_tensor_names_it(k2_folder, tmp_path):
     del idx["weight_map"]["model.layers.1.mlp.experts.7.gate_proj.weight"]
     (folder / "model.safetensors.index.json").write_text(json.dumps(idx))
     with pytest.raises(CheckpointError) as e:
-        k2mlx.load(folder)
+        k2mlx.loading.load_model(folder)
     assert "model.layers.1.mlp.experts.7.gate_proj.weight" in str(e.value)
 
 
@@ -204,15 +205,20 @@ def test_corrupt_shard_names_file(k2_folder, tmp_path):
     shard = folder / "model-00001-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(CheckpointError) as e:
-        k2mlx.load(folder)
+        k2mlx.loading.load_model(folder)
     assert shard.name in str(e.value)
 
 
 def test_missing_folder_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError):
-        k2mlx.load(tmp_path / "nope")
+        k2mlx.loading.load_model(tmp_path / "nope")
 
 
-def test_tokenizer_none_without_tiktoken_model(k2_folder):
-    _, tok = k2mlx.load(k2_folder)
-    assert tok is None
+def test_load_without_tokenizer_names_the_file(k2_folder):
+    """k2mlx.load needs a tokenizer: its absence is a CheckpointError naming tiktoken.model
+    (it used to return None, and generate / serve failed later); load_model needs none."""
+    assert not (k2_folder / "tiktoken.model").exists()
+    with pytest.raises(CheckpointError, match="tiktoken.model") as e:
+        k2mlx.load(k2_folder)
+    assert e.value.file == str(k2_folder / "tiktoken.model")
+    assert k2mlx.loading.load_model(k2_folder) is not None

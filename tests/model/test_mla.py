@@ -8,6 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import k2mlx
+import k2mlx.loading
 from k2mlx.config import ModelArgs
 from k2mlx.model.k2 import Model
 
@@ -16,7 +17,7 @@ from .reference import GROUPED_TINY, K2_TINY, hf_config, k2_config_json
 
 @pytest.fixture(scope="module")
 def model(k2_folder):
-    return k2mlx.load(k2_folder)[0]
+    return k2mlx.loading.load_model(k2_folder)
 
 
 def _run(model, form, prompt, split=6):

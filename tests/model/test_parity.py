@@ -1,5 +1,5 @@
 """Parity with transformers' DeepseekV3ForCausalLM (PyTorch CPU, float32) on checkpoints saved
-in the real K2 layout and in transformers-5's layout, loaded with `k2mlx.load`."""
+in the real K2 layout and in transformers-5's layout, loaded with `k2mlx.loading.load_model`."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import k2mlx
+import k2mlx.loading
 
 from .reference import greedy_reference, reference_logits
 
@@ -18,7 +19,7 @@ CASES = [("k2", "k2"), ("grouped", "k2"), ("k2", "hf"), ("grouped", "hf")]
 
 @pytest.fixture(scope="module")
 def loaded(checkpoints):
-    return {case: k2mlx.load(checkpoints[case])[0] for case in CASES}
+    return {case: k2mlx.loading.load_model(checkpoints[case]) for case in CASES}
 
 
 def test_real_layout_is_real(checkpoints):
@@ -96,8 +97,8 @@ def test_batched_cache_left_padding(loaded, prompt):
 
 def test_pipeline_stages_equal_full_model(checkpoints, loaded, prompt):
     folder = checkpoints[("grouped", "k2")]
-    first = k2mlx.load(folder, layers=range(0, 2))[0]
-    last = k2mlx.load(folder, layers=range(2, 4))[0]
+    first = k2mlx.loading.load_model(folder, layers=range(0, 2))
+    last = k2mlx.loading.load_model(folder, layers=range(2, 4))
     assert first.layer_range == range(0, 2) and last.layer_range == range(2, 4)
     c1, c2 = first.make_cache(), last.make_cache()
     x = mx.array([prompt[:10]])
