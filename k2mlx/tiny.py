@@ -7,22 +7,21 @@ projection (`model.layers.{i}.mlp.experts.{e}.gate_proj.weight`) split over seve
 safetensors shards plus `model.safetensors.index.json`, a real tiktoken-format tokenizer with
 K2's special tokens (`k2mlx.tokenizer`), `chat_template.jinja` and `generation_config.json`.
 
-No torch: this runs at app run time (`default_model_path()` builds the default model once when
-the embedded k2-nano is absent). Everything is seeded and deterministic.
+No torch, numpy only: tests, scripts and benchmarks write their checkpoints with it. Loading
+never depends on it (the default model is the embedded k2-nano; see k2mlx.loading.resolve).
+Everything is seeded and deterministic.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-import shutil
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 
-# bump when the files written here change, so cached default models are rebuilt
+# bump when the files written here change (stamped into k2mlx_tiny.json; caches compare it)
 TINY_FORMAT_VERSION = 1
 
 PRESETS: dict[str, dict] = {
@@ -330,39 +329,14 @@ def cache_root() -> Path:
 
 
 def embedded_model_path() -> Path:
-    return Path(__file__).parent / "assets" / "k2-nano"
+    from k2mlx.loading.resolve import embedded_model_path as f
+
+    return f()
 
 
 def default_model_path() -> Path:
-    """The model used when none is given: the embedded k2-nano when it is installed, else a tiny
-    random K2 built once into `$K2MLX_CACHE/tiny-k2` (default `~/.cache/k2mlx/tiny-k2`)."""
-    asset = embedded_model_path()
-    if (asset / "config.json").is_file():
-        return asset
-    root = cache_root()
-    target = root / "tiny-k2"
-    want = {"format": TINY_FORMAT_VERSION, "preset": "nano", "dtype": "float32", "seed": 0, "thinking": False}
+    """The embedded k2-nano (see k2mlx.loading.resolve.default_model_path): a missing asset is
+    a CheckpointError, never a silent fallback to a random checkpoint built here."""
+    from k2mlx.loading.resolve import default_model_path as f
 
-    def ready() -> bool:
-        try:
-            return json.loads((target / "k2mlx_tiny.json").read_text()) == want
-        except (OSError, ValueError):
-            return False
-
-    if ready():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    import fcntl
-
-    # one builder at a time (tests, a server and the CLI may all ask at once)
-    with open(root / "tiny-k2.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if ready():
-            return target
-        print(f"k2mlx: no embedded model; building a tiny random K2 checkpoint in {target}", file=sys.stderr)
-        tmp = root / f".tiny-k2.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_tiny_checkpoint(tmp, preset="nano", dtype="float32", seed=0)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    return target
+    return f()

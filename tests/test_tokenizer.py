@@ -217,19 +217,6 @@ def test_tiny_checkpoint_deterministic_and_bf16(tmp_path):
     assert (d / "model-00002-of-00002.safetensors").read_bytes() != (a / "model-00002-of-00003.safetensors").read_bytes()
 
 
-def test_default_model_path_builds_once(tmp_path, monkeypatch):
-    import k2mlx.tiny as tiny
-
-    monkeypatch.setenv("K2MLX_CACHE", str(tmp_path))
-    monkeypatch.setattr(tiny, "embedded_model_path", lambda: tmp_path / "no-such-asset")
-    p = tiny.default_model_path()
-    assert p == tmp_path / "tiny-k2" and (p / "config.json").is_file()
-    mtime = (p / "config.json").stat().st_mtime_ns
-    assert tiny.default_model_path() == p
-    assert (p / "config.json").stat().st_mtime_ns == mtime  # reused, not rebuilt
-    load_tokenizer(p)
-
-
 def test_script_cli(tmp_path):
     import subprocess
     import sys

@@ -111,4 +111,11 @@ def download(repo: str, layers: range | str | None = None, out: str | Path | Non
                           f"{' or ' + str(out) if out is not None else ''}. Connect to the network, or "
                           "download it elsewhere and pass the folder with --model") from e
         raise _hub_error(repo, e) from e
+    # the same check --model runs (k2mlx.loading.resolve): every shard this stage needs is here
+    from .resolve import missing_files
+
+    missing = missing_files(Path(path), layers if isinstance(layers, range) else None)
+    if missing:
+        raise K2Error(f"{repo}: {len(missing)} shard file(s) are still missing after the download (first: "
+                      f"{missing[0]}) in {path}; run the same command again to resume")
     return Path(path)

@@ -129,9 +129,9 @@ def resolve_model(spec=None, layers: range | None = None, allow_file: bool = Fal
     missing = missing_files(snap, layers)
     if missing:
         part = "" if layers is None else f" for layers {layers.start}:{layers.stop}"
-        raise CheckpointError(f"{text} is in the Hugging Face cache but {len(missing)} shard file(s){part} are "
-                              f"missing (first: {missing[0]}); fetch them with: {download_command(text, layers)}",
-                              file=str(snap))
+        raise CheckpointError(f"{text} is in the Hugging Face cache ({snap}) but {len(missing)} shard file(s)"
+                              f"{part} are missing (first: {missing[0]}); fetch them with: "
+                              f"{download_command(text, layers)}")
     return snap
 
 
