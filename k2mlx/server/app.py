@@ -22,7 +22,7 @@ from k2mlx.errors import K2Error
 from k2mlx.server import convert, metrics, sse
 from k2mlx.server.errors import JSON, HTTPError, error_body, error_response, internal_error, request_id
 from k2mlx.server.guard import Guard
-from k2mlx.server.limits import check_body, prompt_byte_limit
+from k2mlx.server.limits import MAX_DEPTH, check_body, deep_path, prompt_byte_limit
 
 log = logging.getLogger("k2mlx.server")
 MAX_BODY = 32 << 20  # the most any body may be, whatever the context length
@@ -79,7 +79,11 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     def parse(raw: bytes) -> tuple[dict, int]:
         try:
             body = json.loads(raw)
-        except (ValueError, RecursionError) as e:
+        except RecursionError:  # json.loads's own limit (~900 levels), past the cap below
+            where = deep_path(raw) or "body"
+            raise HTTPError(400, f"{where} is nested more than {MAX_DEPTH} levels deep", code="nesting_too_deep",
+                            param=where.split(".")[0].split("[")[0]) from None
+        except ValueError as e:
             raise HTTPError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise HTTPError(400, "the request body must be a JSON object", code="invalid_json")

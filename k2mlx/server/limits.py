@@ -12,6 +12,7 @@ One iterative walk (an explicit stack, so no input can exhaust Python's recursio
 """
 from __future__ import annotations
 
+import json
 import re
 
 from k2mlx.server.errors import HTTPError
@@ -59,6 +60,36 @@ def _top(path) -> str:
     while path is not None:
         path, key = path
     return str(key)
+
+
+_TOKENS = re.compile(rb'"((?:[^"\\]|\\.)*)"(\s*:)?|[\[\]{},]')
+
+
+def deep_path(raw: bytes, max_depth: int = MAX_DEPTH) -> str | None:
+    """Where raw JSON text first nests deeper than `max_depth` (for bodies too deep for json.loads,
+    which gives up with a RecursionError past ~900 levels): a flat scan, no recursion."""
+    stack: list[list] = []  # per open container: [b"{" or b"[", current key or index]
+    for m in _TOKENS.finditer(raw):
+        c = m.group(0)[:1]
+        if c == b'"':
+            if m.group(2) and stack and stack[-1][0] == b"{":
+                try:
+                    stack[-1][1] = json.loads(b'"' + m.group(1) + b'"')
+                except ValueError:
+                    stack[-1][1] = "?"
+        elif c in (b"{", b"["):
+            stack.append([c, 0 if c == b"[" else "?"])
+            if len(stack) > max_depth:
+                path = None
+                for _, key in stack[:-1]:
+                    path = (path, key)
+                return _where(path)
+        elif c in (b"}", b"]"):
+            if stack:
+                stack.pop()
+        elif stack and stack[-1][0] == b"[":  # a comma in a list
+            stack[-1][1] += 1
+    return None
 
 
 def check_body(body: dict, max_depth: int = MAX_DEPTH) -> tuple[dict, int]:
