@@ -26,6 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     parser.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: folder name)")
     parser.add_argument("--cache-gb", type=float, default=2.0, help="prefix cache size in GB (default 2; 0 disables)")
+    parser.add_argument("--prompt-cache-dir", metavar="DIR", default=None,
+                        help="keep prompt prefixes' KV caches on disk here, so a restart does not prefill a long "
+                        "system prompt again (default ~/.cache/k2mlx/prompt-cache; about 70 KB per token for K2)")
+    parser.add_argument("--prompt-cache-gb", type=float, default=20.0,
+                        help="disk budget of the prompt cache in GB, least recently used evicted (default 20; "
+                        "0 turns the disk cache off)")
+    parser.add_argument("--no-prompt-cache", action="store_true", help="no prompt cache on disk")
     parser.add_argument("--default-max-tokens", type=int, default=2048,
                         help="completion limit when a request sets none (default 2048)")
     parser.add_argument("--hosts", help="run as a pipeline over these hosts: a comma list (rank order) or a "
@@ -92,6 +99,27 @@ def resolve_api_key(args) -> str | None:
     return None
 
 
+def open_disk_cache(args, model, path):
+    """The persistent prompt cache for this model, or None (turned off, or a pipeline: its layers'
+    caches live on the other ranks, and a disk hit would need every rank's part)."""
+    import math
+
+    from k2mlx.errors import RequestError
+
+    gb = getattr(args, "prompt_cache_gb", 0.0)
+    if not math.isfinite(gb) or gb < 0:
+        raise RequestError(f"--prompt-cache-gb must be 0 or more, got {gb}", param="prompt_cache_gb")
+    if getattr(args, "no_prompt_cache", False) or gb == 0 or hasattr(model, "submit"):
+        return None
+    from k2mlx.engine.disk_cache import open_prompt_cache
+
+    try:
+        return open_prompt_cache(model, path, args.prompt_cache_dir, max_gb=gb)
+    except OSError as e:
+        raise RequestError(f"cannot use --prompt-cache-dir {args.prompt_cache_dir or '(default)'}: "
+                           f"{e.strerror or e}", param="prompt_cache_dir") from None
+
+
 def run(args) -> int:
     import os
     import sys
@@ -143,7 +171,8 @@ def run(args) -> int:
     model, tokenizer = getattr(args, "preloaded", None) or load(path)
     name = args.model_name or Path(path).resolve().name
     engine = Engine(model, tokenizer, max_batch=args.max_batch, cache_bytes=int(args.cache_gb * (1 << 30)),
-                    default_max_tokens=args.default_max_tokens, model_name=name, exit_safe=not standalone)
+                    default_max_tokens=args.default_max_tokens, model_name=name, exit_safe=not standalone,
+                    prompt_cache=open_disk_cache(args, model, path))
     if getattr(args, "on_engine", None):  # cluster: fail requests with 503 on rank loss
         args.on_engine(engine)
     app = create_app(engine, model_name=name, api_key=api_key, allow_origins=tuple(origins))
