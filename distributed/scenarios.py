@@ -274,3 +274,43 @@ def engine_bench(pipe, tokenizer, *, streams: int, prompt_len: int, steps: int, 
                    "rank0_cpu_per_token_s": med["cpu_per_token_s"],
                    "all_tok_s": [r["tok_s"] for r in rates], "timeline": stats}, f)
     return 0
+
+
+def engine_session(pipe, tokenizer, *, out: str, **_) -> int:
+    """What a server's engine lives through, on any model (local, pipeline, tensor): seeded
+    sampling of concurrent requests (continuous batching), a request cancelled mid-generation,
+    late joiners, and a repeated prompt served from the prefix cache. Saves the texts and the
+    last request's cached-token count."""
+    from k2mlx.engine.engine import Engine
+    from k2mlx.engine.events import Done, TextDelta
+    from k2mlx.engine.request import GenerationRequest, SamplingParams
+
+    bias = {t: -100.0 for t in tokenizer.eos_token_ids}
+    prompts = ["hello world", "the quick brown fox", "a test", "this is a test of the tokenizer"]
+
+    def req(p, seed):
+        return GenerationRequest(prompt=p, max_tokens=16,
+                                 sampling=SamplingParams(temperature=0.9, seed=seed, logit_bias=bias))
+
+    def text(stream):
+        evs = list(stream)
+        if not isinstance(evs[-1], Done) or evs[-1].error is not None:
+            raise RuntimeError(f"request failed: {evs[-1]}")
+        return "".join(e.text for e in evs if isinstance(e, TextDelta)), evs[-1]
+
+    eng = Engine(pipe, tokenizer, max_batch=8, overlap=False)
+    try:
+        first = [eng.generate(req(p, 10 + i)) for i, p in enumerate(prompts[:3])]
+        victim = eng.generate(req("to be cancelled", 99))
+        next(iter(victim))
+        victim.close()
+        texts = [text(s)[0] for s in first]
+        late = [eng.generate(req(p, 20 + i)) for i, p in enumerate(prompts)]
+        texts += [text(s)[0] for s in late]
+        again, done = text(eng.generate(req(prompts[0], 10)))
+        texts.append(again)
+    finally:
+        eng.close()
+    with open(out, "w") as f:
+        json.dump({"texts": texts, "cached_tokens": done.usage.cached_tokens}, f)
+    return 0

@@ -95,3 +95,38 @@ def test_each_rank_holds_half_of_every_layer(tiny_checkpoint):
     assert hw.gate_proj.weight.shape[1] * 2 == sw.gate_proj.weight.shape[1]
     assert hw.down_proj.weight.shape[2] * 2 == sw.down_proj.weight.shape[2]
     assert halves[1].layers[layer].mlp.inner.gate.weight.shape == full.layers[layer].mlp.gate.weight.shape
+
+
+# ---- the engine on rank 0 drives every rank ------------------------------------------------------
+def _ref_engine(path, role, args, out):
+    from k2mlx import load
+    from k2mlx.distributed import scenarios
+
+    model, tok = load(str(path))
+    getattr(scenarios, role)(model, tok, **args, out=str(out))
+    return json.loads(out.read_text())
+
+
+def test_engine_greedy_text_identical_on_the_default_model(tmp_path):
+    from k2mlx.tiny import default_model_path
+    from k2mlx.tokenizer import load_tokenizer
+
+    path = default_model_path()
+    ban = list(load_tokenizer(path).eos_token_ids)
+    args = {"prompts": PROMPTS + [[9, 8, 7, 6]], "max_tokens": 12, "ban": ban}
+    ref = _ref_engine(path, "engine_texts", args, tmp_path / "ref.json")
+    launch_tp(path, "engine_texts", {**args, "out": str(tmp_path / "tp.json")})
+    got = json.loads((tmp_path / "tp.json").read_text())
+    assert got["errors"] == [None] * 4 and got["groups"] == 1
+    assert got["texts"] == ref["texts"] and all(len(t) > 0 for t in got["texts"])
+    # both ranks ran every forward in lock step
+    steps = {st["rank"]: len(st["steps"]) for st in got["timeline"]}
+    assert steps[0] == steps[1] > 12
+
+
+def test_engine_batching_cancel_and_prefix_cache_over_tensor(tiny_checkpoint, tmp_path):
+    ref = _ref_engine(tiny_checkpoint, "engine_session", {}, tmp_path / "ref.json")
+    launch_tp(tiny_checkpoint, "engine_session", {"out": str(tmp_path / "tp.json")})
+    got = json.loads((tmp_path / "tp.json").read_text())
+    assert got["texts"] == ref["texts"] and got["texts"][-1] == got["texts"][0]
+    assert got["cached_tokens"] == ref["cached_tokens"] > 0
