@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from k2mlx.engine.detok import StopStrings
 from k2mlx import mlxlm_adapter as adapter
-from k2mlx.events import Done, TextDelta, Timings, ToolCallEnd, Usage
+from k2mlx.events import Done, PrefillProgress, TextDelta, Timings, ToolCallEnd, Usage
 from k2mlx.engine.prefix_cache import PrefixCache
 from k2mlx.engine.prompting import build_prompt, make_parser
 from k2mlx.engine.request import DEFAULT_MAX_TOKENS, GenerationRequest
@@ -43,6 +43,7 @@ class Prepared:
     forced: list[int]
     banned: list[int]
     max_tokens: int
+    constraint: object = None  # k2mlx.grammar's per-sequence mask (a logits processor), or None
 
 
 @dataclass
@@ -60,6 +61,7 @@ class _Slot:
     tool_calls: int = 0
     finish: str | None = None  # set when the engine itself decides to stop (stop string, tools)
     pending_lp: list = field(default_factory=list)
+    prefill: tuple = (0, 0)  # prompt tokens in the cache / in the prompt, while reading it
 
 
 @dataclass
@@ -187,7 +189,10 @@ class Engine:
             max_tokens = request.max_tokens
         else:
             max_tokens = min(self.default_max_tokens, self.context_length - n)
-        return Prepared(request, prompt, forced, banned, max_tokens)
+        from k2mlx.grammar.plan import constraint_for  # structured output / tool calls (issue 15)
+
+        return Prepared(request, prompt, forced, banned, max_tokens,
+                        constraint_for(self.tokenizer, request, prompt, forced))
 
     def submit(self, request: GenerationRequest | Prepared, loop=None) -> AsyncRequestStream:
         """Start a request; `async for event in engine.submit(req)`. Call from the event loop
@@ -266,7 +271,9 @@ class Engine:
                     g = self._groups[0]
                     self._admit(g)
                     if g.slots:
-                        self._step(g, adapter.step(g.bg)[1])
+                        prompt_out, gen_out = adapter.step(g.bg)
+                        self._progress(g, prompt_out)
+                        self._step(g, gen_out)
                 else:
                     self._round()
             except Exception as e:  # a model or cluster failure ends the affected requests, not the thread
@@ -292,6 +299,7 @@ class Engine:
                     continue
                 kind, val = g.runner.step()
             while kind == "done":
+                self._progress(g, val[0])
                 self._step(g, val[1])
                 if g.deferred:  # cancelled while its step was in flight
                     uids, g.deferred = list(g.deferred), []
@@ -374,10 +382,46 @@ class Engine:
 
         uid = adapter.insert(g.bg, prep.prompt[cached:], max_tokens=prep.max_tokens, cache=cache,
                              prefix=prep.prompt[:cached], sampler=make_sampler(sampling, vocab),
-                             processors=make_processors(sampling, prep.banned), stop_ids=stop_ids)
+                             processors=make_processors(sampling, prep.banned)
+                             + ([prep.constraint] if prep.constraint is not None else []), stop_ids=stop_ids)
         slot.uid = uid
         g.slots[uid] = slot
         self.stats.prompt_tokens += len(prep.prompt)
+
+    def _progress(self, g: _Group, prompt_responses) -> None:
+        """Tell each request still reading its prompt how far it is (after every prefill chunk)."""
+        now = time.perf_counter()
+        for uid, done, total in adapter.prompt_progress(prompt_responses or ()):
+            slot = g.slots.get(uid)
+            if slot is None or slot.t_first is not None or total <= 0:
+                continue
+            spent = now - slot.t_admit
+            eta = (total - done) * spent / done if done > 0 and spent > 0 else None
+            slot.prefill = (slot.cached + done, slot.cached + total)
+            slot.sink(PrefillProgress(slot.cached + done, slot.cached + total, eta))
+
+    def prefill_status(self) -> list[dict]:
+        """Requests reading their prompts: tokens done / total and an ETA (for /v1/cluster)."""
+        out = []
+        now = time.perf_counter()
+        for _ in range(3):  # the model thread may change the batch while this reads it
+            try:
+                slots = list(self._slots.values()) if hasattr(self, "_groups") else []
+                break
+            except RuntimeError:
+                continue
+        else:
+            return []
+        for slot in slots:
+            done, total = slot.prefill
+            if slot.t_first is not None or total <= 0:
+                continue
+            spent = now - slot.t_admit
+            fresh = done - slot.cached
+            eta = (total - done) * spent / fresh if fresh > 0 and spent > 0 else None
+            out.append({"request": slot.rid, "done": done, "total": total,
+                        "eta_s": round(eta, 1) if eta is not None else None})
+        return out
 
     def _step(self, g: _Group, responses) -> None:
         """Hand out the tokens of one finished `next()` of group g."""

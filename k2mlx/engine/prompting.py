@@ -101,5 +101,6 @@ def make_parser(tokenizer, request: GenerationRequest, prompt: list[int], forced
     from k2mlx.chat.template import prompt_opens_reasoning
 
     rendered = prompt[: len(prompt) - len(forced)]
-    names = [n for n in (_tool_name(t) for t in request.tools or ()) if isinstance(n, str)]
-    return StreamParser(tokenizer, start_in_reasoning=prompt_opens_reasoning(tokenizer, rendered), tool_names=names)
+    # the declared tools: calls to others become text; nameless ids map by their arguments
+    tools = [t for t in request.tools or () if isinstance(_tool_name(t), str)]
+    return StreamParser(tokenizer, start_in_reasoning=prompt_opens_reasoning(tokenizer, rendered), tools=tools)

@@ -60,6 +60,8 @@ class GenerationRequest:
     # tool-call / reasoning parsing; False streams raw text (completions, `generate --raw`)
     parse: bool = True
     chat_kwargs: dict = field(default_factory=dict)  # passed to the chat template (e.g. thinking)
+    # OpenAI response_format / Anthropic output_format; enforced while decoding (k2mlx/grammar)
+    response_format: Optional[dict] = None
 
     def validate(self, vocab_size: int | None = None) -> None:
         if sum(x is not None for x in (self.messages, self.prompt, self.prompt_tokens)) != 1:

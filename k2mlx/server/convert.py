@@ -140,7 +140,7 @@ def chat_request(body: dict) -> tuple[GenerationRequest, dict]:
         parallel_tool_calls=get(body, "parallel_tool_calls", bool, True),
         max_tokens=max_tokens(body, "max_completion_tokens", "max_tokens"),
         sampling=sampling(body), stop=stops(body, "stop"), logprobs=logprobs, top_logprobs=top if logprobs else 0,
-        chat_kwargs=chat_kwargs,
+        chat_kwargs=chat_kwargs, response_format=rf if rf is not None and rf.get("type") != "text" else None,
     )
     opts = {"stream": get(body, "stream", bool, False), "include_usage": bool(so.get("include_usage"))}
     return req, opts
@@ -286,5 +286,7 @@ def messages_request(body: dict) -> tuple[GenerationRequest, dict]:
         messages=messages, tools=tools, tool_choice=choice, parallel_tool_calls=parallel,
         max_tokens=max_tokens(body, "max_tokens", required=True), sampling=sampling(body),
         stop=stops(body, "stop_sequences"),
+        # Anthropic structured outputs: {"type": "json_schema", "schema": {...}}, enforced like OpenAI's
+        response_format=get(body, "output_format", dict),
     )
     return req, {"stream": get(body, "stream", bool, False)}
