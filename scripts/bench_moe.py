@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -28,22 +27,16 @@ PRESETS = {
 
 def quantized_switch(E, out_dims, in_dims, group_size, bits, dtype, key):
     """An mlx-lm QuantizedSwitchLinear holding random packed weights."""
-    import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    from k2mlx.kernels.checks import random_packed
 
     m = QuantizedSwitchLinear.__new__(QuantizedSwitchLinear)
     nn.Module.__init__(m)
     m.group_size, m.bits, m.mode, m.global_scale = group_size, bits, "affine", None
-    k1, k2, k3 = mx.random.split(key, 3)
-    shape = (E, out_dims, in_dims * bits // 32)
-    hi = mx.random.randint(0, 1 << 16, shape, key=k1).astype(mx.uint32)
-    lo = mx.random.randint(0, 1 << 16, shape, key=k3).astype(mx.uint32)
-    m.weight = (hi << 16) | lo  # uint32, every bit random
-    groups = (E, out_dims, in_dims // group_size)
-    scale = 2.0 / (math.sqrt(in_dims) * (2**bits - 1))
-    m.scales = (mx.random.uniform(0.5, 1.5, groups, key=k2) * scale).astype(dtype)
-    m.biases = (-m.scales.astype(mx.float32) * (2 ** (bits - 1))).astype(dtype)
+    p = random_packed(E, out_dims, in_dims, group_size, bits, dtype, seed=key)
+    m.weight, m.scales, m.biases = p.weight, p.scales, p.biases
     m.freeze()
     return m
 
@@ -55,10 +48,9 @@ def build_layer(E, D, I, group_size, bits, dtype, seed=0):
 
     sw = SwitchGLU.__new__(SwitchGLU)
     nn.Module.__init__(sw)
-    k = mx.random.split(mx.random.key(seed), 3)
-    sw.gate_proj = quantized_switch(E, I, D, group_size, bits, dtype, k[0])
-    sw.up_proj = quantized_switch(E, I, D, group_size, bits, dtype, k[1])
-    sw.down_proj = quantized_switch(E, D, I, group_size, bits, dtype, k[2])
+    sw.gate_proj = quantized_switch(E, I, D, group_size, bits, dtype, 3 * seed)
+    sw.up_proj = quantized_switch(E, I, D, group_size, bits, dtype, 3 * seed + 1)
+    sw.down_proj = quantized_switch(E, D, I, group_size, bits, dtype, 3 * seed + 2)
     sw.activation = SwiGLU()
     mx.eval(sw.parameters())
     return sw
@@ -99,8 +91,9 @@ def main(argv=None):
     from rich.console import Console
     from rich.table import Table
 
-    from k2mlx.kernels import dispatch
-    from k2mlx.kernels.dispatch import TT, gpu_backend, moe_forward
+    from k2mlx.kernels import launch
+    from k2mlx.kernels.dispatch import moe_forward
+    from k2mlx.kernels.launch import TT, gpu_backend
 
     cfg = PRESETS[args.preset]
     E, D, I, k = cfg["experts"], cfg["hidden"], cfg["inter"], cfg["top_k"]
@@ -133,8 +126,8 @@ def main(argv=None):
 
         def kernel_call(rows):
             def call():
-                dispatch.ROWS = rows  # read at call time by the kernel launch
-                return moe_forward(x, inds, w, sw, path="kernel")
+                launch.ROWS = rows  # read at call time by the kernel launch
+                return moe_forward(x, inds, w, sw, path="kernel", backend=backend)
             return call
 
         fns = {"mlx-lm": mlx_lm_call,

@@ -2,13 +2,14 @@
 report: the Metal (or CUDA) kernels against the MLX-ops reference, the C++ twin of the same
 kernel bodies (when g++ exists), the reference dispatch against a per-token loop, a pipeline
 of two ranks on loopback against one process, and a short generation with the default model.
-A check that cannot run here is reported as skipped, with the reason. Exit code 1 when any
-check fails."""
+It also shows the MoE path chosen at load (k2mlx.kernels.policy) and why. A check that cannot
+run here is reported as skipped, with the reason. Exit code 1 when any check fails.
+`--bench` prints k2mlx.commands.selftest_bench's table instead."""
 from __future__ import annotations
 
 import argparse
 
-CHECK_GROUPS = ("reference", "metal", "cuda", "cpp", "pipeline", "generate")
+CHECK_GROUPS = ("reference", "metal", "cuda", "cpp", "moe-path", "pipeline", "generate")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint for the pipeline and generation checks "
                         "(default: the default model)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--moe-path", choices=("auto", "switch", "reference", "kernel"),
+                        help="MoE path for the model checks (default: K2MLX_MOE_PATH, else auto)")
+    parser.add_argument("--bench", action="store_true",
+                        help="instead of the checks: a short table for bug reports (machine, the MoE "
+                        "path chosen, decode tokens/s per MoE path for the default model and a "
+                        "K2-shaped 4-bit layer stack)")
 
 
 class Skip(Exception):
@@ -76,7 +83,7 @@ def _backend_checks(backend: str):
             if compiler() is None:
                 raise Skip("no g++ on PATH: the C++ twin cannot be built")
             return
-        from k2mlx.kernels.dispatch import gpu_backend
+        from k2mlx.kernels.launch import gpu_backend
 
         have = gpu_backend()
         if have != backend:
@@ -127,6 +134,17 @@ def _model_path(args):
     return str(default_model_path())
 
 
+def check_moe_path(args):
+    def run():
+        from k2mlx import load
+
+        model, _ = load(_model_path(args), moe_path=args.moe_path)
+        plan = model.moe_plan
+        return f"asked {plan.requested}, backend {plan.backend or 'cpu'}: {plan.summary()}"
+
+    return run
+
+
 def check_generation(args):
     def run():
         try:
@@ -136,7 +154,7 @@ def check_generation(args):
             from k2mlx.engine.request import GenerationRequest, SamplingParams
         except ImportError as e:
             raise Skip(f"engine not available ({e})")
-        model, tok = load(_model_path(args))
+        model, tok = load(_model_path(args), moe_path=args.moe_path)
         engine = Engine(model, tok, max_batch=1, cache_bytes=0)
         req = GenerationRequest(messages=[{"role": "user", "content": "Hello!"}], max_tokens=8,
                                 sampling=SamplingParams(temperature=0.0))
@@ -208,11 +226,46 @@ def all_checks(args):
     for backend in ("metal", "cuda", "cpp"):
         if backend in groups:
             checks += _backend_checks(backend)
+    if "moe-path" in groups:
+        checks.append(("MoE path chosen at load", check_moe_path(args)))
     if "pipeline" in groups:
         checks.append(("pipeline: 2 loopback ranks", check_pipeline(args)))
     if "generate" in groups:
         checks.append(("generation with the default model", check_generation(args)))
     return checks
+
+
+def run_bench(args) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from k2mlx.commands.selftest_bench import bench, paths_here
+
+    console = Console()
+    with console.status("selftest --bench: timing decode per MoE path ..."):
+        res = bench(_model_path(args))
+    m = res["machine"]
+    console.print(f"k2mlx selftest --bench: {m['chip']}, {m['memory_gb']} GB, {m['os']}, "
+                  f"mlx {m['mlx']} ({m['backend']}), python {m['python']}")
+    paths = paths_here()
+    table = Table(title="decode tokens/s per MoE path")
+    for col in ["model", *[f"{p} tok/s" for p in paths], "auto chose"]:
+        table.add_column(col, justify="right" if col.endswith("tok/s") else "left")
+    for r in res["models"]:
+        table.add_row(r["model"], *[f"{r['tok_s'][p]:.2f}" for p in paths], r["auto"])
+    console.print(table)
+    for r in res["models"]:
+        console.print(f"{r['model']}: {r['why']}", soft_wrap=True)
+    console.print(f"K2 stack: K2's per-layer shapes (MLA 64 heads, hidden 7168, 8 routed experts of "
+                  f"2048 + 1 shared per token), random 4-bit group-32 weights, L layers, E routed "
+                  f"experts instead of 384; decode after a 1-token prompt, "
+                  f"{res['models'][-1]['steps']} steps. auto chose: experts/router (why).", soft_wrap=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
 
 
 def run(args) -> int:
@@ -222,6 +275,8 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    if args.bench:
+        return run_bench(args)
     console = Console()
     results = []
     with console.status("") as status:

@@ -2,13 +2,17 @@
 ("metal", "cuda" or "cpp", the C++ twin) and compare it with the MLX-ops reference.
 
 Cases are small K2-shaped routed experts (affine 4-bit, the MLX layout that
-QuantizedSwitchLinear holds) with an expert chosen by every token and one chosen by none."""
+QuantizedSwitchLinear holds) with an expert chosen by every token and one chosen by none.
+Imports dispatch, launch, router and reference only (policy imports this module, never the reverse)."""
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
 
+from k2mlx.kernels.dispatch import np_experts
+from k2mlx.kernels.launch import run_kernels
 from k2mlx.kernels.reference import Experts, Proj, reference_stages, route_reference
+from k2mlx.kernels.router import run_router
 
 E, D, I, K = 16, 128, 64, 4
 EVERY, NONE = 3, 0  # expert 3 is picked by every token, expert 0 by none
@@ -50,18 +54,11 @@ def _np(a):
     return np.array(a.astype(mx.float32) if a.dtype in (mx.bfloat16, mx.float16) else a)
 
 
-def _experts_np(ex: Experts) -> Experts:
-    return Experts(*(Proj(np.array(p.weight), np.array(p.scales), np.array(p.biases), p.group_size, p.bits)
-                     for p in (ex.gate, ex.up, ex.down)))
-
-
 def dispatch_stages(backend, x, inds, weights, ex: Experts, shared=None):
     """Runs the production kernel path (dispatch.run_kernels) on `backend` and returns
     every kernel's output as numpy."""
-    from k2mlx.kernels.dispatch import run_kernels
-
     if backend == "cpp":
-        res = run_kernels("cpp", np.array(x), np.array(inds), np.array(weights), _experts_np(ex),
+        res = run_kernels("cpp", np.array(x), np.array(inds), np.array(weights), np_experts(ex),
                           None if shared is None else np.array(shared), stages=True)
     else:
         res = run_kernels(backend, x, inds, weights, ex, shared, stages=True)
@@ -93,8 +90,6 @@ def compare_dispatch(backend, n, ex: Experts | None = None, dtype=mx.float32, se
 def compare_router(backend, n, n_experts=384, top_k=8, n_group=1, topk_group=1, seed=0,
                    rsf=2.827, norm=True):
     """(mismatching picks, max weight error) of the router kernel against the reference."""
-    from k2mlx.kernels.router import run_router
-
     k1, k2 = mx.random.split(mx.random.key(seed), 2)
     logits = mx.random.normal((n, n_experts), key=k1) * 2
     bias = mx.random.normal((n_experts,), key=k2) * 0.1
@@ -108,3 +103,18 @@ def compare_router(backend, n, n_experts=384, top_k=8, n_group=1, topk_group=1, 
     gi, gw = np.take_along_axis(gi, oa, -1), np.take_along_axis(gw, oa, -1)
     ri, rw = np.take_along_axis(ri, ob, -1), np.take_along_axis(rw, ob, -1)
     return int((gi != ri).sum()), float(np.abs(gw - rw).max())
+
+
+def random_packed(n_experts, out_dims, in_dims, group_size=64, bits=4, dtype=mx.bfloat16, seed=0) -> Proj:
+    """Random affine-quantized experts in MLX's layout (uint32 codes with every bit random,
+    scales and biases of a unit-variance output) without quantizing floats first: K2-sized
+    layers in seconds. weight [E, out, in*bits/32], scales/biases [E, out, in/group_size]."""
+    k1, k2, k3 = mx.random.split(mx.random.key(seed), 3)
+    shape = (n_experts, out_dims, in_dims * bits // 32)
+    hi = mx.random.randint(0, 1 << 16, shape, key=k1).astype(mx.uint32)
+    lo = mx.random.randint(0, 1 << 16, shape, key=k3).astype(mx.uint32)
+    groups = (n_experts, out_dims, in_dims // group_size)
+    scale = 2.0 / (np.sqrt(in_dims) * (2**bits - 1))
+    scales = (mx.random.uniform(0.5, 1.5, groups, key=k2) * scale).astype(dtype)
+    biases = (-scales.astype(mx.float32) * (2 ** (bits - 1))).astype(dtype)
+    return Proj((hi << 16) | lo, scales, biases, group_size, bits)

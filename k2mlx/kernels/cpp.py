@@ -1,13 +1,22 @@
 """The C++ twin: builds a kernel body with the C++ prelude into a small shared library
-(g++, once per kernel and set of constants, cached in a temporary folder) and runs it on
-numpy arrays through ctypes. Used by the tests and `k2mlx selftest` to check the exact
-bodies that Metal and CUDA compile, on a machine with neither."""
+(g++, once per kernel and set of constants) and runs it on numpy arrays through ctypes. Used
+by the tests and `k2mlx selftest` to check the exact bodies that Metal and CUDA compile, on a
+machine with neither; never a runtime path of the model.
+
+Built libraries are cached in a per-user folder ($K2MLX_KERNEL_CACHE, else
+$K2MLX_CACHE/cpp-kernels, else ~/.cache/k2mlx/cpp-kernels): 0700, owned by this user (checked).
+A library is loaded only when its SHA-256 equals the one recorded when this code built it
+(`NAME.so.sha256` beside it); anything else found under its name is rebuilt over, never loaded.
+"""
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
+import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,7 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from k2mlx.errors import K2Error
+from k2mlx.kernels.cachedir import cache_root, private_dir
 from k2mlx.kernels.sources import SPECS, SRC, body, header, ENTRY
+
+log = logging.getLogger(__name__)
 
 _CTYPE = {
     np.dtype(np.float32): "float",
@@ -30,9 +42,56 @@ def compiler() -> str | None:
 
 
 def cache_dir() -> Path:
-    d = Path(os.environ.get("K2MLX_KERNEL_CACHE", Path(tempfile.gettempdir()) / "k2mlx-cpp-kernels"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    d = os.environ.get("K2MLX_KERNEL_CACHE")
+    return private_dir(Path(d) if d else cache_root() / "cpp-kernels")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_exclusive(d: Path, suffix: str, data: bytes) -> Path:
+    """A new file in `d` (O_EXCL: never through a planted name or symlink) holding `data`."""
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=suffix)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return Path(tmp)
+
+
+def verified(lib: Path) -> bool:
+    """Whether `lib` is a regular file of this user, writable by no one else, whose content
+    hash is the one recorded when it was built here."""
+    try:
+        st = os.lstat(lib)
+        want = (lib.parent / f"{lib.name}.sha256").read_text().strip()
+    except (OSError, UnicodeDecodeError):  # missing, a folder, unreadable: not ours
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o022:
+        return False
+    return bool(re.fullmatch(r"[0-9a-f]{64}", want)) and _sha256(lib) == want
+
+
+def _compile(cxx: str, d: Path, kernel: str, key: str, src: str, lib: Path) -> ctypes.CDLL:
+    """Builds into a new private file, loads that very file, then publishes it (hash first)."""
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=f".{kernel}-{key}.so")
+    os.close(fd)
+    try:
+        # the source on stdin: no .cpp file to plant or race, and the same bytes every build
+        cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{SRC}", "-x", "c++", "-o", tmp, "-"]
+        r = subprocess.run(cmd, input=src, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise K2Error(f"{cxx} failed on the {kernel} kernel body:\n{r.stderr[-4000:]}")
+        os.chmod(tmp, 0o700)
+        digest = _sha256(Path(tmp))
+        handle = ctypes.CDLL(tmp)
+        # hash first: a reader that sees the new library also sees its hash; one that looks
+        # between the renames (or after a parallel build) finds a mismatch and builds its own
+        os.replace(_write_exclusive(d, ".sha256", digest.encode()), lib.parent / f"{lib.name}.sha256")
+        os.replace(tmp, lib)
+        return handle
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def translation_unit(kernel: str, constants: dict[str, int], in_types: list[str],
@@ -64,16 +123,12 @@ def build(kernel: str, constants: dict[str, int], in_types, out_types, t_type=No
         raise K2Error("no C++ compiler (g++) found: cannot build the C++ twin of the kernels")
     d = cache_dir()
     lib = d / f"{kernel}-{key}.so"
-    if not lib.exists():
-        cpp = d / f"{kernel}-{key}.cpp"
-        cpp.write_text(src)
-        tmp = d / f"{kernel}-{key}.{os.getpid()}.so"
-        cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{SRC}", "-o", str(tmp), str(cpp)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise K2Error(f"g++ failed on the {kernel} kernel body ({cpp}):\n{r.stderr[-4000:]}")
-        os.replace(tmp, lib)  # atomic: parallel test processes may build the same library
-    handle = ctypes.CDLL(str(lib))
+    if verified(lib):
+        handle = ctypes.CDLL(str(lib))
+    else:
+        if os.path.lexists(lib):
+            log.warning("k2mlx: %s does not match the hash recorded when it was built; rebuilding it", lib)
+        handle = _compile(cxx, d, kernel, key, src, lib)
     handle.k2_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint, ctypes.c_uint]
     handle.k2_launch.restype = ctypes.c_int
     _LIBS[key] = handle

@@ -1,229 +1,135 @@
-"""Routed-expert dispatch for small batches, and the choice of path.
+"""Running one MoE layer on the path chosen for it at load.
 
-Kernel path (Metal, or CUDA through the same bodies), for up to MAX_KERNEL_TOKENS tokens:
-  group    the N*k (token, expert) pairs by expert: order, pos, slots (expert, start, count)
-  gate_up  per expert in use: x W_g^T and x W_u^T fused, SwiGLU -> h (expert-grouped rows)
-  down     per expert in use: h W_d^T -> y (expert-grouped rows)
-  combine  per token, in token order: sum_j w_j y_(token, j) (+ the shared expert)
-Each expert's INT4 weights are read once per tile of TT tokens, so once in all for an
-expert with <= TT tokens, instead of once per (token, expert) pair.
-Elsewhere the reference path (k2mlx.kernels.reference.dispatch_reference) does the same
-grouping with MLX ops. The same launch code drives the C++ twin ("cpp") on numpy arrays.
+`LayerPlan` is set once at load by k2mlx.kernels.policy.configure (measured, cached,
+overridable); nothing here reads the environment. Paths for the routed experts:
+  switch     the model's own switch_mlp call (MLX's gather_qmm, what mlx-lm runs): the default
+  reference  k2mlx's grouped MLX-ops dispatch (pairs sorted by expert, sorted gather_qmm)
+  kernel     k2mlx's expert kernels (k2mlx.kernels.launch) for up to MAX_KERNEL_TOKENS tokens,
+             switch above that
+and for the router: "compiled" (route_reference under mx.compile) or "kernel" (fused router).
+A kernel that raises at its first call in a layer is replaced there by switch / compiled,
+with one logging warning per kind of failure.
 """
 from __future__ import annotations
 
-import os
-from functools import lru_cache
+import logging
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
-from k2mlx.errors import K2Error
-from k2mlx.kernels.reference import Experts, dispatch_reference
-from k2mlx.kernels.sources import SPECS, header, source
+from k2mlx.kernels.launch import MAX_KERNEL_TOKENS, run_kernels
+from k2mlx.kernels.reference import Experts, Proj, dispatch_reference, route_compiled
+from k2mlx.kernels.router import fused_route
 
-MAX_KERNEL_TOKENS = 64
-TT = 8  # tokens per tile: an expert's weights are read once per tile
-ROWS = 4  # output rows per simdgroup
-NSG = 4  # simdgroups per threadgroup in the expert kernels
-PATHS = ("auto", "kernel", "reference", "switch")
-# Backends where "auto" picks the kernels. Not CUDA: on an H100 at K2's sizes MLX's own
-# gather_qmm was 15-25% faster than these kernels (docs/BENCHMARKS.md); they stay available
-# there with K2MLX_MOE_PATH=kernel.
-AUTO_KERNEL_BACKENDS = ("metal",)
+log = logging.getLogger(__name__)
+
+EXPERT_PATHS = ("switch", "reference", "kernel")
+ROUTER_PATHS = ("compiled", "kernel")
 
 
-@lru_cache(maxsize=1)
-def gpu_backend() -> str | None:
-    """"metal" or "cuda" when MLX runs on one and custom kernels can be used, else None."""
-    try:
-        if mx.metal.is_available():
-            return "metal"
-    except Exception:  # noqa: BLE001 - a build without the module
-        pass
-    try:
-        if hasattr(mx, "cuda") and mx.cuda.is_available():
-            return "cuda"
-    except Exception:  # noqa: BLE001
-        pass
-    return None
+@dataclass
+class LayerPlan:
+    """How one MoE layer runs. `backend`: the kernels' backend ("metal", "cuda"; "cpp", the
+    C++ twin, only in tests) when experts or router is "kernel"."""
+
+    experts: str = "switch"
+    router: str = "compiled"
+    backend: str | None = None
+    name: str = "moe"
+    experts_ran: bool = False  # the kernel path has completed one call in this layer
+    router_ran: bool = False
 
 
-@lru_cache(maxsize=None)
-def kernels_verified(backend: str) -> bool:
-    """Before the first automatic use on this machine, run the kernels once on a small case
-    against the reference; on an error or a mismatch warn once and keep to the reference path
-    (the Metal bodies are compiled by Metal only on a user's Mac, never where they were written)."""
-    import warnings
-
-    if os.environ.get("K2MLX_KERNEL_PROBE", "1") == "0":
-        return True
-    try:
-        from k2mlx.kernels.checks import compare_dispatch, compare_router
-
-        err = compare_dispatch(backend, 7)
-        bad, werr = compare_router(backend, 3, 64, 6, 8, 3)
-        ok = err["slots"] == 0 and err["out"] < 2e-5 and bad == 0 and werr < 1e-6
-        why = f"dispatch {err}, router: {bad} wrong picks, weight error {werr:.1e}"
-    except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernels
-        ok, why = False, f"{type(e).__name__}: {e}"
-    if not ok:
-        warnings.warn(f"k2mlx: the {backend} expert kernels failed their first-use check ({why}); "
-                      "using the MLX-ops path instead. `k2mlx selftest` shows the details.")
-    return ok
+_warned: set[tuple] = set()
 
 
-@lru_cache(maxsize=None)
-def _gpu_kernel(backend: str, name: str):
-    spec = SPECS[name]
-    make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
-    return make(
-        name=f"k2mlx_{name}", input_names=list(spec.inputs), output_names=list(spec.outputs),
-        source=source(backend, name), header=header(backend),
-    )
-
-
-def launch(backend, name, constants, inputs, out_shapes, out_dtypes, n_tg, tg, t_dtype=None):
-    """Runs `n_tg` threadgroups of `tg` threads of one kernel on a backend: "metal"/"cuda"
-    (mx arrays in and out) or "cpp" (numpy in and out, the C++ twin)."""
-    spec = SPECS[name]
-    consts = {k: int(constants[k]) for k in spec.constants}
-    if backend == "cpp":
-        from k2mlx.kernels import cpp
-
-        return cpp.run(name, consts, inputs, out_shapes, out_dtypes, n_tg, tg,
-                       t_dtype if t_dtype is not None else np.float32)
-    template = ([("T", t_dtype)] if spec.typed else []) + list(consts.items())
-    return _gpu_kernel(backend, name)(
-        inputs=inputs, template=template, grid=(n_tg * tg, 1, 1), threadgroup=(tg, 1, 1),
-        output_shapes=out_shapes, output_dtypes=out_dtypes,
-    )
-
-
-def _round32(n: int, cap: int) -> int:
-    return max(32, min(cap, (n + 31) // 32 * 32))
-
-
-def kernel_unsupported(ex: Experts) -> str | None:
-    """Why the expert kernels cannot run these weights, or None when they can."""
-    if not ex.quantized:
-        return "experts are not quantized"
-    projs = (ex.gate, ex.up, ex.down)
-    if any(p.mode != "affine" or p.biases is None for p in projs):
-        return "only affine quantization (with biases) is supported"
-    if len({(p.bits, p.group_size) for p in projs}) != 1:
-        return "gate, up and down must share bits and group size"
-    bits, gs = ex.gate.bits, ex.gate.group_size
-    if bits not in (2, 4, 8):
-        return f"{bits}-bit weights are not supported (2, 4, 8 are)"
-    E, I = ex.gate.weight.shape[:2]
-    D = ex.down.weight.shape[1]
-    if I % (NSG * ROWS) or D % (NSG * ROWS):
-        return f"hidden {D} and expert size {I} must be multiples of {NSG * ROWS}"
-    if gs % (32 // bits) or D % gs or I % gs:
-        return f"group size {gs} must divide the dimensions"
-    return None
-
-
-def _dims(ex: Experts):
-    E, I = ex.gate.weight.shape[:2]
-    D = ex.down.weight.shape[1]
-    return E, D, I, ex.gate.group_size, ex.gate.bits
-
-
-def expert_constants(ex: Experts, top_k: int) -> dict[str, int]:
-    """Compile-time constants of the gate_up / down kernels for these weights."""
-    E, D, I, GS, BITS = _dims(ex)
-    pf = 32 // BITS
-    # words per vector load: as many as fit in one quantization group (and the rows)
-    wpl = next(w for w in (4, 2, 1) if GS % (w * pf) == 0 and D % (w * pf) == 0 and I % (w * pf) == 0)
-    return {"D": D, "I": I, "GS": GS, "BITS": BITS, "TOPK": top_k, "ROWS": ROWS, "TT": TT, "WPL": wpl}
-
-
-def run_kernels(backend, x2, inds, weights, ex: Experts, shared=None, stages: bool = False):
-    """The kernel path on 2-D inputs: x2 [N, D], inds/weights [N, k], shared [N, D] | None
-    -> out [N, D] (with `stages`, a dict of every kernel's outputs). backend "metal"/"cuda"
-    takes mx arrays, "cpp" numpy arrays (float32, the C++ twin)."""
-    E, D, I, GS, BITS = _dims(ex)
-    N, K = inds.shape
-    P = N * K
-    if backend == "cpp":
-        ints, i32 = (lambda v: np.array(v, np.int32)), np.int32
-        flat = np.ascontiguousarray(np.asarray(inds).reshape(-1).astype(np.int32))
-        w32 = np.asarray(weights).astype(np.float32)
-        arr = np.asarray
+def _fall_back(plan: LayerPlan, what: str, err: Exception) -> None:
+    kind = (what, plan.backend, type(err).__name__, str(err)[:200])
+    msg = (f"k2mlx: the {plan.backend} {what} kernel failed at its first call in {plan.name} "
+           f"({type(err).__name__}: {err}); that layer (and any other that fails the same way) "
+           f"uses the {'switch' if what == 'expert' else 'compiled'} path from now on")
+    if kind in _warned:
+        log.debug(msg, exc_info=True)
     else:
-        ints, i32 = (lambda v: mx.array(v, mx.int32)), mx.int32
-        flat = inds.reshape(-1).astype(mx.int32)
-        w32 = weights.astype(mx.float32)
-        arr = lambda a: a  # noqa: E731
-    T = x2.dtype
-    order, pos, slots = launch(
-        backend, "group", {"E": E}, [flat, ints([P])], [(P,), (P,), (P, 3)], [i32, i32, i32],
-        n_tg=1, tg=_round32(E, 1024),
-    )
-    c = expert_constants(ex, K)
-    g, u, d = ex.gate, ex.up, ex.down
-    (h,) = launch(
-        backend, "gate_up", c,
-        [x2, order, slots] + [arr(t) for t in (g.weight, g.scales, g.biases, u.weight, u.scales, u.biases)],
-        [(P, I)], [T], n_tg=P * (I // (NSG * ROWS)), tg=NSG * 32, t_dtype=T,
-    )
-    (y,) = launch(
-        backend, "down", c, [h, slots] + [arr(t) for t in (d.weight, d.scales, d.biases)],
-        [(P, D)], [T], n_tg=P * (D // (NSG * ROWS)), tg=NSG * 32, t_dtype=T,
-    )
-    has_shared = shared is not None
-    (out,) = launch(
-        backend, "combine", {"D": D, "TOPK": K, "HAS_SHARED": int(has_shared)},
-        [y, pos, w32, shared if has_shared else x2, ints([N])], [(N, D)], [T],
-        n_tg=(N * D + 255) // 256, tg=256, t_dtype=T,
-    )
-    if stages:
-        return {"order": order, "pos": pos, "slots": slots, "h": h, "y": y, "out": out}
-    return out
+        _warned.add(kind)
+        log.warning(msg, exc_info=True)
 
 
-def choose_path(ex: Experts, n_tokens: int, path: str | None = None) -> str:
-    """"kernel", "reference" or "switch" (the model's own switch_mlp call)."""
-    path = path or os.environ.get("K2MLX_MOE_PATH", "auto")
-    if path not in PATHS:
-        raise K2Error(f"K2MLX_MOE_PATH must be one of {', '.join(PATHS)}, not {path!r}")
-    if path == "kernel":
-        if gpu_backend() is None:
-            raise K2Error("the expert kernels need Metal or CUDA; this MLX runs on the CPU")
-        why = kernel_unsupported(ex)
-        if why:
-            raise K2Error(f"the expert kernels cannot run this model: {why}")
-        return "kernel"
-    if path != "auto":
-        return path
-    backend = gpu_backend()
-    if (backend in AUTO_KERNEL_BACKENDS and n_tokens <= MAX_KERNEL_TOKENS
-            and kernel_unsupported(ex) is None and kernels_verified(backend)):
-        return "kernel"
-    if backend is None:
-        # MLX's CPU gather_qmm ignores sorted_indices, so grouping only adds copies here
-        # (measured: same speed, 1.14x the peak memory of the model's own switch_mlp call)
-        return "switch"
-    return "reference"
+def np_experts(ex: Experts) -> Experts:
+    """The same experts as numpy arrays, for the C++ twin."""
+    return Experts(*(Proj(np.array(p.weight), np.array(p.scales), np.array(p.biases), p.group_size,
+                          p.bits, p.mode) for p in (ex.gate, ex.up, ex.down)))
 
 
-def moe_forward(x, inds, weights, switch_mlp, shared=None, path: str | None = None):
-    """Routed experts + combine (+ shared expert output): x [..., D], inds/weights [..., k]
-    -> [..., D], equal to sum_j weights_j * switch_mlp(x, inds)_j (+ shared)."""
+def kernel_forward(backend, x, inds, weights, switch_mlp, shared=None):
+    """The expert kernels on x [..., D], inds/weights [..., k] -> [..., D]."""
     ex = Experts.of(switch_mlp)
     D, k = x.shape[-1], inds.shape[-1]
-    n_tokens = x.size // D
-    which = choose_path(ex, n_tokens, path)
-    if which == "kernel":
-        out = run_kernels(
-            gpu_backend(), x.reshape(-1, D), inds.reshape(-1, k), weights.reshape(-1, k), ex,
-            None if shared is None else shared.reshape(-1, D),
-        )
-        return out.reshape(x.shape)
-    if which == "switch":
+    args = (x.reshape(-1, D), inds.reshape(-1, k), weights.reshape(-1, k),
+            None if shared is None else shared.reshape(-1, D))
+    if backend == "cpp":  # the C++ twin works on float32 numpy arrays
+        args = tuple(None if a is None else np.array(a.astype(mx.float32)) for a in args)
+        out = mx.array(run_kernels("cpp", *args[:3], np_experts(ex), args[3])).astype(x.dtype)
+    else:
+        out = run_kernels(backend, *args[:3], ex, args[3])
+    return out.reshape(x.shape)
+
+
+def moe_forward(x, inds, weights, switch_mlp, shared=None, path: str = "switch", backend=None):
+    """Routed experts + combine (+ shared expert output): x [..., D], inds/weights [..., k]
+    -> [..., D], equal to sum_j weights_j * switch_mlp(x, inds)_j (+ shared). `path`: one
+    of EXPERT_PATHS; "kernel" needs `backend`."""
+    if path == "kernel":
+        return kernel_forward(backend, x, inds, weights, switch_mlp, shared)
+    if path == "switch":
         y = switch_mlp(x, inds)  # [..., k, D]
         y = (y * weights[..., None]).sum(axis=-2).astype(y.dtype)
         return y if shared is None else y + shared
-    return dispatch_reference(x, inds, weights, ex, shared)
+    if path == "reference":
+        return dispatch_reference(x, inds, weights, Experts.of(switch_mlp), shared)
+    raise ValueError(f"unknown MoE path {path!r} (one of {', '.join(EXPERT_PATHS)})")
+
+
+def layer_experts(plan: LayerPlan, x, inds, weights, switch_mlp, shared=None):
+    """moe_forward on the layer's planned path. The kernel path's first call in a layer is
+    evaluated at once, so a compile or launch failure surfaces here and not later in some
+    unrelated mx.eval; on failure the layer keeps to switch."""
+    n_tokens = x.size // x.shape[-1]
+    if plan.experts == "kernel" and n_tokens <= MAX_KERNEL_TOKENS:
+        if plan.experts_ran:
+            return kernel_forward(plan.backend, x, inds, weights, switch_mlp, shared)
+        try:
+            out = kernel_forward(plan.backend, x, inds, weights, switch_mlp, shared)
+            mx.eval(out)
+            plan.experts_ran = True
+            return out
+        except Exception as e:  # noqa: BLE001 - any kernel failure: warn once, use switch
+            _fall_back(plan, "expert", e)
+            plan.experts = "switch"
+    path = "switch" if plan.experts == "kernel" else plan.experts
+    return moe_forward(x, inds, weights, switch_mlp, shared, path)
+
+
+def _router_kernel(backend, logits, *args):
+    if backend == "cpp":
+        inds, w = fused_route("cpp", np.array(logits.astype(mx.float32)), np.array(args[0]), *args[1:])
+        return mx.array(inds), mx.array(w)
+    return fused_route(backend, logits, *args)
+
+
+def layer_route(plan: LayerPlan, logits, bias, top_k, n_group, topk_group, scaling, norm):
+    """noaux_tc routing on the layer's planned router path: logits [..., E] -> (inds, weights)."""
+    args = (bias, top_k, n_group, topk_group, scaling, norm)
+    if plan.router == "kernel":
+        if plan.router_ran:
+            return _router_kernel(plan.backend, logits, *args)
+        try:
+            out = _router_kernel(plan.backend, logits, *args)
+            mx.eval(out)
+            plan.router_ran = True
+            return out
+        except Exception as e:  # noqa: BLE001 - any kernel failure: warn once, use compiled
+            _fall_back(plan, "router", e)
+            plan.router = "compiled"
+    return route_compiled(logits, *args)

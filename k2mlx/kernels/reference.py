@@ -13,7 +13,7 @@ import mlx.nn as nn
 def route_reference(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob):
     """noaux_tc routing. logits [..., E] -> (expert indices [..., k] int32, weights [..., k] float32);
     indices in no particular order. The model's router is this function compiled
-    (k2mlx.model.moe.route); the router kernels are checked against it.
+    (route_compiled); the router kernel is checked against it.
 
     Selection uses sigmoid(logits) + bias (restricted to the best `topk_group` groups, a
     group scoring the sum of its two best experts); the weights are the plain sigmoid of
@@ -35,6 +35,10 @@ def route_reference(logits, bias, top_k, n_group, topk_group, routed_scaling_fac
     if norm_topk_prob:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
     return inds.astype(mx.int32), weights * routed_scaling_factor
+
+
+# the model's router: one fused graph per (shape, top_k, groups), like mlx-lm's
+route_compiled = mx.compile(route_reference)
 
 
 def gather_mm_any(x: mx.array, w: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:

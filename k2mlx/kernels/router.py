@@ -1,12 +1,12 @@
 """Fused noaux_tc router: sigmoid, correction bias, group-limited top-k, renormalization and
-scaling in one kernel (one threadgroup per token). Falls back to the MLX-ops reference."""
+scaling in one kernel (one threadgroup per token). Whether a model uses it is decided at load
+(k2mlx.kernels.policy); this module only runs it."""
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
 
-from k2mlx.kernels.dispatch import AUTO_KERNEL_BACKENDS, _round32, gpu_backend, kernels_verified, launch
-from k2mlx.kernels.reference import route_reference
+from k2mlx.kernels.launch import launch, round32
 
 
 def router_unsupported(n_experts: int, top_k: int, n_group: int, topk_group: int) -> str | None:
@@ -33,25 +33,14 @@ def run_router(backend, logits2, bias, top_k, n_group, topk_group, routed_scalin
         ins = [logits2, bias.astype(mx.float32), mx.array([routed_scaling_factor], mx.float32)]
         i32, f32 = mx.int32, mx.float32
     return launch(backend, "router", c, ins, [(N, top_k), (N, top_k)], [i32, f32],
-                  n_tg=N, tg=_round32(E, 256))
+                  n_tg=N, tg=round32(E, 256))
 
 
-def available(n_experts: int, top_k: int, n_group: int, topk_group: int) -> bool:
-    """Whether fused_route will use the kernel (same policy as the expert kernels)."""
-    backend = gpu_backend()
-    return (backend in AUTO_KERNEL_BACKENDS
-            and router_unsupported(n_experts, top_k, n_group, topk_group) is None
-            and kernels_verified(backend))
-
-
-def fused_route(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob):
-    """logits [..., E] -> (inds [..., k], weights [..., k] float32): the kernel on Metal/CUDA,
-    the MLX-ops reference elsewhere."""
+def fused_route(backend, logits, bias, top_k, n_group, topk_group, routed_scaling_factor,
+                norm_topk_prob):
+    """logits [..., E] -> (inds [..., k], weights [..., k] float32) by the router kernel."""
     E = logits.shape[-1]
-    if not available(E, top_k, n_group, topk_group):
-        return route_reference(logits, bias, top_k, n_group, topk_group, routed_scaling_factor,
-                               norm_topk_prob)
     lead = logits.shape[:-1]
-    inds, w = run_router(gpu_backend(), logits.reshape(-1, E), bias, top_k, n_group, topk_group,
+    inds, w = run_router(backend, logits.reshape(-1, E), bias, top_k, n_group, topk_group,
                          routed_scaling_factor, norm_topk_prob)
     return inds.reshape(*lead, top_k), w.reshape(*lead, top_k)

@@ -56,13 +56,17 @@ def quantize_model(model, quantization: dict | None, weights: dict) -> None:
             return False
         return f"{p}.scales" in weights
 
-    nn.quantize(
-        model,
-        group_size=quantization.get("group_size"),
-        bits=quantization.get("bits"),
-        mode=quantization.get("mode", "affine"),
-        class_predicate=predicate,
-    )
+    try:
+        nn.quantize(
+            model,
+            group_size=quantization.get("group_size"),
+            bits=quantization.get("bits"),
+            mode=quantization.get("mode", "affine"),
+            class_predicate=predicate,
+        )
+    except ValueError as e:  # e.g. a group size the module's input size is not a multiple of
+        raise CheckpointError(f"the quantization in config.json does not fit this model ({str(e).splitlines()[0]}); "
+                              "`k2mlx check` lists the modules it disagrees with", file="config.json") from None
 
 
 def _check_and_cast(model, weights: dict, index: dict, path: Path, dtype) -> list:

@@ -18,3 +18,16 @@ def assert_sets_equal(inds_a, w_a, inds_b, w_b, atol=1e-6):
     np.testing.assert_array_equal(np.take_along_axis(ia, oa, -1), np.take_along_axis(ib, ob, -1))
     np.testing.assert_allclose(np.take_along_axis(wa, oa, -1), np.take_along_axis(wb, ob, -1),
                                rtol=1e-5, atol=atol)
+
+
+def mlx_lm_switch_glu(seed=0, bits=4, group_size=32, dims=(E, D, I)):
+    """mlx-lm's SwitchGLU, quantized the way a converted checkpoint is."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    e, d, i = dims
+    mx.random.seed(seed)
+    sw = SwitchGLU(d, i, e)
+    nn.quantize(sw, group_size=group_size, bits=bits)
+    return sw

@@ -56,8 +56,14 @@ def test_cpp_router_without_renormalization():
     assert bad == 0 and werr < 1e-6
 
 
-def test_first_use_probe_accepts_the_twin():
-    # the probe that guards automatic kernel use on a GPU, run here on the C++ twin
-    from k2mlx.kernels.dispatch import kernels_verified
+def test_probe_measures_the_twin_at_the_models_own_shapes(experts):
+    """The load-time probe runs the kernel bodies (here their C++ twin) on a layer's own
+    weights and finds them in agreement with the float32 reference, like the default path."""
+    from kernel_cases import mlx_lm_switch_glu
+    from k2mlx.kernels.probe import ERROR_FLOOR, measure_experts
 
-    assert kernels_verified("cpp")
+    m = measure_experts(mlx_lm_switch_glu(), 4, "cpp", budget_s=0.5)
+    assert "error" not in m, m
+    assert m["dtype"] == "float32" and set(m["ms"]) == {1, 4, 16}
+    for e in m["agree"].values():
+        assert e["kernel"] < ERROR_FLOOR["float32"] and e["switch"] < ERROR_FLOOR["float32"], m

@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernel_cases import BATCHES, EVERY, NONE, E, D, make_case, make_experts
+from kernel_cases import BATCHES, EVERY, NONE, D, make_case, make_experts, mlx_lm_switch_glu
 from k2mlx.kernels.dispatch import moe_forward
 from k2mlx.kernels.reference import dispatch_naive, dispatch_reference, group_pairs, route_reference
 
@@ -35,27 +35,13 @@ def test_group_pairs_is_stable_and_grouped():
     assert np.array(order)[np.array(inv)].tolist() == list(range(6))
 
 
-def mlx_lm_switch_glu(seed=0, bits=4, group_size=32):
-    """mlx-lm's SwitchGLU, quantized the way a converted checkpoint is."""
-    import mlx.nn as nn
-    from mlx_lm.models.switch_layers import SwitchGLU
-
-    from kernel_cases import I
-
-    mx.random.seed(seed)
-    sw = SwitchGLU(D, I, E)
-    nn.quantize(sw, group_size=group_size, bits=bits)
-    return sw
-
-
 def test_moe_forward_paths_agree_with_switch_mlp():
     """On this machine every path of moe_forward gives what the plain switch_mlp call gives."""
     sw = mlx_lm_switch_glu()
     x, inds, w, shared = make_case(7, seed=5)
     want = np.array(moe_forward(x, inds, w, sw, shared, path="switch"))
-    for path in ("reference", "auto"):
-        got = np.array(moe_forward(x, inds, w, sw, shared, path=path))
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    got = np.array(moe_forward(x, inds, w, sw, shared, path="reference"))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(want, dispatch_naive(x, inds, w, sw, shared), rtol=1e-4, atol=2e-5)
 
 

@@ -7,6 +7,7 @@ import json
 import shutil
 
 from k2mlx.commands import selftest
+from k2mlx.kernels.launch import gpu_backend
 
 
 def run_selftest(tmp_path, *argv):
@@ -24,8 +25,20 @@ def test_selftest_passes_here_and_says_why_it_skips(tmp_path, capsys):
     assert rc == 0, res
     assert "k2mlx selftest" in printed and "passed" in printed
     assert res["reference dispatch = per-token loop"]["status"] == "passed"
-    for name in ("Metal: router kernel", "Metal: dispatch kernels", "CUDA: dispatch kernels"):
-        assert res[name]["status"] == "skipped" and "not available" in res[name]["detail"]
+    # on a Mac the Metal checks run and pass; elsewhere they are skipped with the reason
+    backend = gpu_backend()
+    for name, be in (("Metal: router kernel", "metal"), ("Metal: dispatch kernels", "metal"),
+                     ("CUDA: router kernel", "cuda"), ("CUDA: dispatch kernels", "cuda")):
+        if backend == be:
+            assert res[name]["status"] == "passed", res[name]
+        else:
+            assert res[name]["status"] == "skipped" and "not available" in res[name]["detail"]
+    moe = res["MoE path chosen at load"]
+    assert moe["status"] == "passed" and "asked auto" in moe["detail"], moe
+    if backend is None:
+        assert "experts switch, router compiled (cpu" in moe["detail"], moe
+    else:
+        assert "measured" in moe["detail"] or "cache" in moe["detail"], moe
     want_cpp = "passed" if shutil.which("g++") else "skipped"
     assert res["C++ twin: dispatch kernels"]["status"] == want_cpp
     assert res["C++ twin: router kernel"]["status"] == want_cpp
@@ -39,3 +52,32 @@ def test_selftest_reports_a_failing_check_and_exits_1(tmp_path):
     assert rc == 1
     (r,) = res.values()
     assert r["status"] == "failed" and "no-such-model" in r["detail"]
+
+
+def test_selftest_shows_an_override(tmp_path):
+    rc, res = run_selftest(tmp_path, "--only", "moe-path", "--moe-path", "reference")
+    assert rc == 0
+    assert "experts reference, router compiled (override" in res["MoE path chosen at load"]["detail"]
+
+
+def test_selftest_bench_prints_a_report_table(tmp_path, capsys):
+    """--bench gives the machine, the path chosen and decode tok/s per MoE path for the
+    default model and the K2-shaped stack (here: the CPU paths, switch and reference)."""
+    import mlx.core as mx
+
+    rc, _ = 0, None
+    p = argparse.ArgumentParser()
+    selftest.add_arguments(p)
+    out = tmp_path / "bench.json"
+    rc = selftest.run(p.parse_args(["--bench", "--json", str(out)]))
+    printed = capsys.readouterr().out
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["machine"]["mlx"] == mx.__version__ and res["machine"]["memory_gb"] > 0
+    assert res["machine"]["chip"] and res["machine"]["chip"] in printed
+    want = ["switch", "reference"] + (["kernel"] if gpu_backend() else [])
+    assert len(res["models"]) == 2 and "K2-shaped" in res["models"][1]["model"]
+    for r in res["models"]:
+        assert sorted(r["tok_s"]) == sorted(want) and all(v > 0 for v in r["tok_s"].values())
+        assert r["auto"].split(" ")[0] in ("switch/compiled", "kernel/compiled", "kernel/kernel", "switch/kernel")
+    assert "switch tok/s" in printed and "auto chose" in printed
