@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("k2mlx.commands.convert", "convert a checkpoint to a sharded MLX checkpoint"),
     "plan": ("k2mlx.commands.plan", "size a model and split its layers across hosts"),
     "download": ("k2mlx.commands.download", "download a checkpoint (optionally only some layers)"),
+    "check": ("k2mlx.commands.check", "check a checkpoint's files against its config, without loading it"),
     "cluster": ("k2mlx.commands.cluster", "start, inspect and stop a multi-Mac cluster"),
     "selftest": ("k2mlx.commands.selftest", "run the backend-specific checks on this machine"),
 }
