@@ -130,3 +130,51 @@ def test_engine_batching_cancel_and_prefix_cache_over_tensor(tiny_checkpoint, tm
     got = json.loads((tmp_path / "tp.json").read_text())
     assert got["texts"] == ref["texts"] and got["texts"][-1] == got["texts"][0]
     assert got["cached_tokens"] == ref["cached_tokens"] > 0
+
+
+@pytest.mark.parametrize("victim,sig", [(1, "SIGKILL"), (0, "SIGKILL"), (1, "SIGSTOP"), (0, "SIGSTOP")])
+def test_a_dead_or_frozen_rank_stops_every_rank(tiny_checkpoint, tmp_path, victim, sig):
+    """Ranks wait inside all_sum under tensor parallelism: the heartbeat deadline must still end
+    every rank within 10 s, naming the lost rank, with nothing left running."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from test_dist_faults import LIMIT_S, assert_all_gone
+
+    state = tmp_path / "state.json"
+    args = {"prompts": [[5, 6, 7]], "steps": 300, "hold_s": 0.1, "out": str(tmp_path / "o.npz")}
+    cmd = [sys.executable, "-m", "k2mlx.distributed.launch", "--hosts", "127.0.0.1,127.0.0.1",
+           "--model", str(tiny_checkpoint), "--role", "k2mlx.distributed.scenarios:greedy_logits",
+           "--role-args", json.dumps(args), "--parallel", "tensor", "--deadline", "3.0", "--state", str(state)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines, decoding = [], threading.Event()
+
+    def read(stream):
+        for line in stream:
+            lines.append(line)
+            if "decode step 3" in line:
+                decoding.set()
+
+    for s in (proc.stdout, proc.stderr):
+        threading.Thread(target=read, args=(s,), daemon=True).start()
+    pids = []
+    try:
+        assert decoding.wait(120), "".join(lines)
+        pids = [r["pid"] for r in json.loads(state.read_text())["ranks"]]
+        t0 = time.monotonic()
+        os.kill(pids[victim], getattr(signal, sig))
+        rc = proc.wait(timeout=LIMIT_S + 5)
+        dt = time.monotonic() - t0
+        time.sleep(0.2)
+        text = "".join(lines)
+        assert rc == 3 and dt < LIMIT_S, f"rc {rc} after {dt:.1f} s\n{text}"
+        assert f"rank {victim}, host 127.0.0.1" in text, text
+        assert_all_gone(pids, within=1.0)
+    finally:
+        for pid in [proc.pid] + pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
