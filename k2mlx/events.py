@@ -44,6 +44,17 @@ class ToolCallEnd:
 
 
 @dataclass(frozen=True)
+class PrefillProgress:
+    """The prompt is being read: `done` of `total` prompt tokens are in the cache (a cached prefix
+    counts as done), `eta_s` the estimated seconds left (None until a rate is known). Sent after
+    every prefill chunk, before the first token; consumers may ignore it."""
+
+    done: int
+    total: int
+    eta_s: Optional[float] = None
+
+
+@dataclass(frozen=True)
 class ParseWarning:
     """Malformed model output that was degraded to text (never an exception)."""
 
@@ -89,7 +100,8 @@ class Done:
     stop_sequence: Optional[str] = None  # the stop string that ended the reply, if one did
 
 
-Event = Union[TextDelta, ReasoningDelta, ToolCallBegin, ToolCallArgsDelta, ToolCallEnd, ParseWarning, Done]
+Event = Union[TextDelta, ReasoningDelta, ToolCallBegin, ToolCallArgsDelta, ToolCallEnd, ParseWarning,
+              PrefillProgress, Done]
 
 __all__ = ["TextDelta", "ReasoningDelta", "ToolCallBegin", "ToolCallArgsDelta", "ToolCallEnd", "ParseWarning",
-           "Usage", "Timings", "Done", "Event"]
+           "PrefillProgress", "Usage", "Timings", "Done", "Event"]

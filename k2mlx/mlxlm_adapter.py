@@ -138,6 +138,12 @@ def step(bg) -> tuple[list, list]:
     return bg.next()
 
 
+def prompt_progress(responses) -> list[tuple[int, int, int]]:
+    """(uid, prompt tokens processed so far, prompt tokens to process) of each prompt-processing
+    response of `step` (the tokens passed to `insert`, not counting a cached prefix)."""
+    return [(r.uid, int(r.progress[0]), int(r.progress[1])) for r in responses]
+
+
 def remove(bg, uids: list[int], keep_caches: bool = False):
     """Drop sequences; with keep_caches -> {uid: (cache, all_tokens)}."""
     if keep_caches:

@@ -59,6 +59,7 @@ class GenerationRequest:
     top_logprobs: int = 0
     # tool-call / reasoning parsing; False streams raw text (completions, `generate --raw`)
     parse: bool = True
+    progress: bool = False  # send PrefillProgress events while the prompt is read (long prompts)
     chat_kwargs: dict = field(default_factory=dict)  # passed to the chat template (e.g. thinking)
     # OpenAI response_format / Anthropic output_format; enforced while decoding (k2mlx/grammar)
     response_format: Optional[dict] = None
