@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="completion limit when a request sets none (default 2048)")
     parser.add_argument("--hosts", help="run as a pipeline over these hosts: a comma list (rank order) or a "
                         "cluster file; see `k2mlx cluster`")
+    from k2mlx.distributed.cli import add_parallel_argument
+
+    add_parallel_argument(parser)
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                         help="server log verbosity (default warning)")
 
@@ -182,7 +185,8 @@ def run(args) -> int:
         from k2mlx.server.http import Limits, serve
 
         serve(app, args.host, args.port, Limits(header_timeout=read_timeout, body_timeout=read_timeout,
-                                                max_connections=max_conn), log_level=args.log_level)
+                                                keep_alive=min(5.0, read_timeout), max_connections=max_conn),
+              log_level=args.log_level)
     finally:
         engine.close()
     if standalone:

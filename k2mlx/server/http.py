@@ -22,6 +22,7 @@ import resource
 import time
 from dataclasses import dataclass
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("k2mlx.server.http")
@@ -32,7 +33,7 @@ LOG_INTERVAL_S = 10.0
 class Limits:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
-    keep_alive: int = 5
+    keep_alive: float = 5.0
     max_connections: int = 512
     max_header_bytes: int = 16 << 10
 
@@ -45,6 +46,8 @@ def _json_reply(status: int, reason: str, message: str, code: str) -> bytes:
 
 
 _TIMEOUT_REPLY = _json_reply(408, "Request Timeout", "the request was not received in time", "request_timeout")
+_HEADERS_REPLY = _json_reply(431, "Request Header Fields Too Large", "the request line and headers are over the "
+                             "size limit", "headers_too_large")
 _BAD_REPLY = _json_reply(400, "Bad Request", "malformed HTTP request (or headers over the size limit)",
                          "bad_http_request")
 
@@ -84,7 +87,7 @@ class _LimitedH11(H11Protocol):
     limits: Limits = Limits()
 
     def connection_made(self, transport) -> None:
-        self._timer = None
+        self._timer, self._head_bytes = None, 0
         self._watched = None  # the request cycle the current deadline is about
         self._idle_since = time.monotonic()
         super().connection_made(transport)
@@ -128,6 +131,22 @@ class _LimitedH11(H11Protocol):
             self.transport.write(_TIMEOUT_REPLY)
         log.warning("closing a connection that did not deliver its request in time")
         self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        # h11 bounds only a head that arrives in pieces; one that comes in a single read of any
+        # size would pass, so the head's size is counted here, before h11 sees it
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            end = data.find(b"\r\n\r\n")
+            self._head_bytes += (len(data) if end < 0 else end)
+            if self._head_bytes > self.limits.max_header_bytes:
+                log.warning("closing a connection whose request headers are over %d bytes",
+                            self.limits.max_header_bytes)
+                self.transport.write(_HEADERS_REPLY)
+                self.transport.close()
+                return
+            if end >= 0:
+                self._head_bytes = 0
+        super().data_received(data)
 
     def handle_events(self) -> None:
         super().handle_events()

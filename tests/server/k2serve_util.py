@@ -16,16 +16,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint, *extra: str):
+def start_server(checkpoint, *extra: str, log_path=None):
+    """`log_path`: write the server's output there (else a pipe, read only if it exits early)."""
     port = free_port()
     cmd = [sys.executable, "-m", "k2mlx.cli", "serve", "--model", str(checkpoint), "--port", str(port),
            "--model-name", "k2-tiny", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+    out = open(log_path, "wb") if log_path else subprocess.PIPE
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+    if log_path:
+        out.close()  # the child holds its own copy
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read().decode(errors='replace')}")
+            text = open(log_path, "rb").read() if log_path else proc.stdout.read()
+            raise RuntimeError(f"server exited: {text.decode(errors='replace')}")
         try:
             if httpx.get(base + "/health", timeout=1).status_code == 200:
                 return proc, base
