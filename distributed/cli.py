@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -16,12 +17,24 @@ from pathlib import Path
 
 from k2mlx.errors import ClusterError, ConfigError
 
+log = logging.getLogger("k2mlx.distributed.cli")
+
 from . import state as cstate
 from .hosts import ClusterSpec, free_port, load_cluster_file, parse_hosts, pick_port, use_doorbells
 
 # argparse fields never forwarded to rank 0
 _DROP = {"hosts", "_module", "preloaded", "on_engine", "copy_model", "backend", "deadline",
-         "layers_split", "state", "foreground", "cluster_command", "wait"}
+         "layers_split", "state", "foreground", "cluster_command", "wait", "parallel"}
+PARALLEL = ("pipeline", "tensor")
+
+
+def add_parallel_argument(parser) -> None:
+    """`--parallel` for every command that starts ranks (generate/serve --hosts, cluster up)."""
+    parser.add_argument("--parallel", choices=PARALLEL, default=None,
+                        help="with --hosts: pipeline (default; each host a range of layers, a second host "
+                             "adds throughput) or tensor (each host 1/N of every layer, so each reads 1/N "
+                             "of the weights per token: meant for one fast stream over JACCL/RDMA; the "
+                             "speed-up is projected in docs/BENCHMARKS.md, not measured on Macs)")
 
 
 def ssh_opts() -> list[str]:
@@ -55,6 +68,9 @@ def prepare(args, command: str, log=print) -> tuple[ClusterSpec, list]:
     file = load_cluster_file(args.hosts) if os.path.isfile(args.hosts) else {}
     if file.get("backend") and getattr(args, "backend", None) in (None, "ring"):
         args.backend = file["backend"]
+    parallel = getattr(args, "parallel", None) or file.get("parallel") or "pipeline"
+    if parallel not in PARALLEL:
+        raise ConfigError(f"parallel must be one of {', '.join(PARALLEL)}, not {parallel!r}", key="parallel")
     if getattr(args, "backend", "ring") == "jaccl" and not file.get("rdma"):
         raise ClusterError("--backend jaccl needs a cluster file with the 'rdma' device lists "
                            "(see `mlx.distributed_config --backend jaccl`)")
@@ -67,7 +83,7 @@ def prepare(args, command: str, log=print) -> tuple[ClusterSpec, list]:
         ring_ports = [free_port("127.0.0.1") for _ in hosts]
     hb = pick_port(hosts[0], len(hosts), slot)
     bells = None
-    if use_doorbells(hosts, getattr(args, "backend", "ring") or "ring"):
+    if use_doorbells(hosts, getattr(args, "backend", "ring") or "ring", parallel):
         bells = [pick_port(h, len(hosts) + 1 + i, slot) for i, h in enumerate(hosts)]
         while len(set(bells + ring_ports + [hb])) < 2 * len(hosts) + 1:
             bells = [free_port("127.0.0.1") for _ in hosts]
@@ -79,9 +95,12 @@ def prepare(args, command: str, log=print) -> tuple[ClusterSpec, list]:
     local = _repo_config(repo) if repo else model  # config + index only, to plan the split
     infos = pf.probe_all(hosts, None if repo else model, ports, ssh_opts=ssh_opts())
     mem = pf.memories_gb(hosts, infos)
+    if parallel == "tensor" and getattr(args, "layers_split", None):
+        raise ConfigError("--layers-split is for --parallel pipeline (under tensor parallelism every "
+                          "rank runs every layer)", key="--layers-split")
     layers = split_layers(local, len(hosts), mem, json.loads(args.layers_split)
-                          if getattr(args, "layers_split", None) else None)
-    need = _need_bytes(local, mem, layers)
+                          if getattr(args, "layers_split", None) else None, parallel=parallel)
+    need = _need_bytes(local, mem, layers, parallel)
     reports = pf.evaluate(hosts, infos, None if repo else model, layers, need)
     pf.check(reports, model, copy=getattr(args, "copy_model", False), ssh_opts=ssh_opts(), log=log)
     paths = _download_stages(repo, hosts, layers, log) if repo else None
@@ -91,11 +110,12 @@ def prepare(args, command: str, log=print) -> tuple[ClusterSpec, list]:
                      {"command": command, "args": fwd}, layers=layers,
                      backend=getattr(args, "backend", "ring") or "ring",
                      deadline_s=getattr(args, "deadline", 3.0) or 3.0, heartbeat_port=hb,
-                     ring_ports=ring_ports, bell_ports=bells)
+                     ring_ports=ring_ports, bell_ports=bells, parallel=parallel)
     spec.rdma = file.get("rdma")
     spec.model_paths = paths
     for r, (a, b) in enumerate(layers):
-        log(f"rank {r} {hosts[r]}: layers {a}..{b - 1}")
+        log(f"rank {r} {hosts[r]}: " + (f"1/{len(hosts)} of every layer" if parallel == "tensor"
+                                         else f"layers {a}..{b - 1}"))
     return spec, reports
 
 
@@ -157,19 +177,25 @@ def _download_stages(repo: str, hosts, layers, log) -> list[str]:
     return paths
 
 
-def _need_bytes(model, mem, layers) -> list[int] | None:
+def _need_bytes(model, mem, layers, parallel: str = "pipeline") -> list[int] | None:
     try:
         from k2mlx.loading import load_args
         from k2mlx.loading.plan import make_plan
 
         args = load_args(model)
         q = getattr(args, "quantization", None) or {}
-        plan = make_plan(args, [max(m, 1.0) for m in mem], q.get("bits", 16), q.get("group_size", 64))
+        bits, gs = q.get("bits", 16), q.get("group_size", 64)
+        plan = make_plan(args, [max(m, 1.0) for m in mem], bits, gs)
+        if parallel == "tensor":
+            from .tensor_plan import tensor_plan
+
+            return [h["weight_bytes"] for h in tensor_plan(plan, args, [max(m, 1.0) for m in mem], bits, gs, 0)["hosts"]]
         s = plan["layer_bytes"]
         n = len(layers)
         return [sum(s[a:b]) + (plan["embed_bytes"] if r == 0 else 0)
                 + (plan["head_bytes"] if r == n - 1 else 0) for r, (a, b) in enumerate(layers)]
     except Exception:  # a model the planner cannot size: skip the memory check
+        log.warning("cannot size %s for the memory check; skipped", model, exc_info=True)
         return None
 
 

@@ -134,9 +134,10 @@ def _shard_attention(attn, rank: int, size: int) -> None:
     attn.num_heads = h1 - h0
 
 
-def shard_model(model, rank: int, size: int, group) -> None:
+def shard_model(model, rank: int, size: int, group, materialize: bool = True) -> None:
     """Keep this rank's 1/N of every owned layer (in place) and add the two all_sums per layer.
-    Decided once at load; the forward pass itself is the unchanged model code."""
+    Decided once at load; the forward pass itself is the unchanged model code.
+    `materialize=False` leaves lazy arrays lazy (`k2mlx plan` sizes a rank without weights)."""
     if size == 1:
         return
     for layer in model.layers:
@@ -150,16 +151,8 @@ def shard_model(model, rank: int, size: int, group) -> None:
         else:
             _shard_mlp(mlp, rank, size)
         layer.mlp = AllSum(mlp, group)
-    mx.eval(model.parameters())
-
-
-def per_rank_bytes(layer_bytes: list[int], embed_bytes: int, head_bytes: int, size: int,
-                   replicated_fraction: float = 0.0) -> int:
-    """Weights one rank holds under tensor parallelism: 1/N of every layer (plus the replicated
-    latent projections and router, `replicated_fraction` of a layer) and the full embedding and
-    head (replicated, see the module docstring)."""
-    layers = sum(layer_bytes)
-    return int(layers * (replicated_fraction + (1 - replicated_fraction) / size)) + embed_bytes + head_bytes
+    if materialize:
+        mx.eval(model.parameters())
 
 
 # ---- rank 0: the model the engine drives --------------------------------------------------------

@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--model", help="checkpoint folder, same path on every host (default: the embedded model)")
     up.add_argument("--backend", default="ring", choices=["ring", "jaccl"],
                     help="MLX distributed backend: ring (TCP/Thunderbolt) or jaccl (RDMA, macOS 26.2+)")
+    from k2mlx.distributed.cli import add_parallel_argument
+
+    add_parallel_argument(up)
     up.add_argument("--port", type=int, default=8000, help="HTTP port on rank 0 (default 8000)")
     up.add_argument("--host", default="127.0.0.1", help="address rank 0's server binds (default 127.0.0.1)")
     up.add_argument("--api-key", default=None, help="required to bind a non-loopback address")
@@ -79,6 +82,9 @@ def _up(args) -> int:
     from k2mlx.errors import ClusterError
 
     say = lambda m: print(f"k2mlx cluster: {m}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.backend == "jaccl" and (args.parallel or "pipeline") == "pipeline":
+        say("tip: over JACCL (RDMA) --parallel tensor decodes one stream faster than the pipeline "
+            "(each Mac reads half of every layer; see docs/BENCHMARKS.md)")
     prepare(args, "serve", log=say)  # fail here, in the foreground, with the reason
     # (a second cluster on the same hosts and port is refused there; the supervisor's
     # exclusive claim of its state file settles a race between two `up`s)
@@ -92,7 +98,7 @@ def _up(args) -> int:
         env["K2MLX_API_KEY"] = args.api_key
     env["K2MLX_STATE_DIR"] = str(state_dir())
     extra = {"backend": args.backend, "copy_model": args.copy_model, "layers_split": args.layers_split,
-             "deadline": args.deadline}
+             "deadline": args.deadline, "parallel": args.parallel}
     env["K2MLX_CLUSTER_OPTS"] = __import__("json").dumps(extra)
     with open(log_path, "ab") as log:
         sup = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,

@@ -22,6 +22,9 @@ def add_arguments(parser) -> None:
                             help=f"bits for {c} modules (default --bits)")
     parser.add_argument("--context", type=int, default=0, metavar="TOKENS",
                         help="reserve latent KV cache for this many tokens")
+    parser.add_argument("--parallel", choices=["pipeline", "tensor"], default="pipeline",
+                        help="pipeline: each host a range of layers (default); tensor: each host 1/N of every "
+                             "layer (embedding, head, MLA latent and router replicated)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -65,8 +68,14 @@ def run(args) -> int:
     # the checkpoint's per-module entries count too, unless other bits were asked for
     paths = {k: v for k, v in own.items() if isinstance(v, (dict, bool))} \
         if args.bits is None and not class_bits else None
-    plan = make_plan(margs, memories(args.memory, args.hosts), bits, group_size, args.context,
+    mems = memories(args.memory, args.hosts)
+    plan = make_plan(margs, mems, bits, group_size, args.context,
                      class_bits or None, paths, folder_mla_weights(model, margs))
+    if getattr(args, "parallel", "pipeline") == "tensor":
+        from k2mlx.distributed.tensor_plan import tensor_plan
+
+        plan = tensor_plan(plan, margs, mems, bits, group_size, args.context, class_bits or None, paths,
+                           folder_mla_weights(model, margs))
     if args.json:
         print(json.dumps(plan))
         return 0
@@ -103,8 +112,12 @@ def _print(p: dict) -> None:
     # no box and unwrapped cells: the table fits 80 columns instead of breaking "358.5 GiB" in two
     t = Table(*(Column(c, no_wrap=True) for c in ("host", "memory", "layers", "weights", "KV cache", "total",
                                                   "usable", "fits")), box=None, pad_edge=False, header_style="bold underline")
+    if p.get("parallel") == "tensor":
+        con.print(f"tensor parallel: every host holds {p['hosts'][0]['share']} of every layer; embedding, head, "
+                  "MLA latent projections, router and the latent KV cache are replicated")
     for h in p["hosts"]:
-        t.add_row(str(h["host"]), f"{h['memory_gb']:g} GB", f"{h['layers'][0]}..{h['layers'][1]} ({h['num_layers']})",
+        t.add_row(str(h["host"]), f"{h['memory_gb']:g} GB", f"{h['layers'][0]}..{h['layers'][1]} ("
+                  f"{h.get('share', h['num_layers'])})",
                   _gb(h["weight_bytes"]), _gb(h["kv_bytes"]), _gb(h["bytes"]), _gb(h["usable_bytes"]),
                   "[green]yes[/]" if h["fits"] else "[red]NO[/]")
     con.print(t)

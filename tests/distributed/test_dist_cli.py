@@ -22,13 +22,14 @@ def k2(*args, env=None, timeout=180):
                           timeout=timeout, env=env)
 
 
-def test_generate_hosts_prints_same_text_as_single_process(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("parallel", ["pipeline", "tensor"])
+def test_generate_hosts_prints_same_text_as_single_process(tiny_checkpoint, tmp_path, parallel):
     env = {**os.environ, "K2MLX_STATE_DIR": str(tmp_path)}
     common = ["generate", "--model", str(tiny_checkpoint), "--prompt", "Tell me about rivers",
               "--temp", "0", "--max-tokens", "24"]
     single = k2(*common, env=env)
     assert single.returncode == 0, single.stderr
-    pp = k2(*common, "--hosts", "127.0.0.1,127.0.0.1", env=env)
+    pp = k2(*common, "--hosts", "127.0.0.1,127.0.0.1", "--parallel", parallel, env=env)
     assert pp.returncode == 0, pp.stderr
     assert len(single.stdout.strip()) > 0
     assert pp.stdout == single.stdout

@@ -178,3 +178,24 @@ def test_a_dead_or_frozen_rank_stops_every_rank(tiny_checkpoint, tmp_path, victi
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def test_plan_shows_per_rank_memory_under_tensor():
+    """K2's own config: each of two hosts holds half of every layer plus the replicated parts
+    (embedding, head, MLA latent projections, router): a little over half of the weights."""
+    import os
+
+    cfg = os.path.join(os.path.dirname(__file__), "..", "fixtures", "kimi-k2-config.json")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "k2mlx.cli", "plan", "--model", cfg, "--memory",
+                                     "512,512", "--context", "32768", "--json", *a],
+                                    capture_output=True, text=True, timeout=120)  # noqa: E731
+    pp, tp = run(), run("--parallel", "tensor")
+    assert pp.returncode == 0 and tp.returncode == 0, pp.stderr + tp.stderr
+    pp, tp = json.loads(pp.stdout), json.loads(tp.stdout)
+    total = pp["weight_bytes"]
+    per = [h["weight_bytes"] for h in tp["hosts"]]
+    assert tp["parallel"] == "tensor" and per[0] == per[1]
+    replicated = pp["embed_bytes"] + pp["head_bytes"]
+    assert total / 2 + replicated / 2 < per[0] < total / 2 * 1.01 + replicated
+    # the latent cache is replicated: every rank reserves the whole context
+    assert tp["hosts"][0]["kv_bytes"] == pp["kv_bytes"] == sum(h["kv_bytes"] for h in pp["hosts"])
