@@ -242,7 +242,8 @@ class Health:
                     entry["heartbeat_age_s"] = round(age, 2)
                     entry["health"] = "ok" if age < self.spec.deadline_s else "late"
             ranks.append(entry)
-        return {"ranks": ranks, "error": str(self.error) if self.error else None, **self.info}
+        return {"ranks": ranks, "parallel": getattr(self.spec, "parallel", "pipeline"),
+                "error": str(self.error) if self.error else None, **self.info}
 
     # ---- threads ------------------------------------------------------------------------
     def _parent_gone(self) -> bool:

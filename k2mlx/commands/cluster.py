@@ -173,7 +173,8 @@ def _status_one(con, st: dict) -> int:
         mem = r.get("memory", {})
         peak = mem.get("mlx_peak") or mem.get("peak_rss") or 0
         age = f" (heartbeat {r['heartbeat_age_s']} s ago)" if "heartbeat_age_s" in r else ""
-        t.add_row(str(r["rank"]), r["host"], f"{a}..{b - 1}", _size(peak), r["health"] + age)
+        share = f" (1/{len(snap['ranks'])} of each)" if snap.get("parallel") == "tensor" else ""
+        t.add_row(str(r["rank"]), r["host"], f"{a}..{b - 1}{share}", _size(peak), r["health"] + age)
     con.print(t)
     if snap.get("error"):
         con.print(f"[red]{snap['error']}[/red]")

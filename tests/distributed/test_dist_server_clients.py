@@ -1,6 +1,7 @@
-"""The endpoint issue's client tests, unchanged, against a server whose model is a two-rank
-pipeline (`k2mlx serve --hosts 127.0.0.1,127.0.0.1`): the engine and server run on top of
-`PipelineModel` exactly as on a local model (prefix cache, batching, tools, streams)."""
+"""The endpoint issue's client tests, unchanged, against a server whose model runs on two ranks
+(`k2mlx serve --hosts 127.0.0.1,127.0.0.1`), as a pipeline and under tensor parallelism: the
+engine and server run on top of `PipelineModel` / `TensorModel` exactly as on a local model
+(prefix cache, batching, tools, streams)."""
 from __future__ import annotations
 
 import os
@@ -23,10 +24,11 @@ for _name in dir(_clients):
 oa, an = _clients.oa, _clients.an
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
+@pytest.fixture(scope="module", params=["pipeline", "tensor"])
+def server(tiny_checkpoint, tmp_path_factory, request):
     os.environ["K2MLX_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
-    proc, base = start_server(tiny_checkpoint, "--max-batch", "8", "--hosts", "127.0.0.1,127.0.0.1")
+    proc, base = start_server(tiny_checkpoint, "--max-batch", "8", "--hosts", "127.0.0.1,127.0.0.1",
+                              "--parallel", request.param)
     yield base
     stop_server(proc)
 
@@ -46,4 +48,7 @@ def test_cluster_endpoint_lists_ranks(server):
     assert [x["rank"] for x in ranks] == [0, 1]
     assert all(x["health"] == "ok" for x in ranks)
     layers = [x["layers"] for x in ranks]
-    assert layers[0][0] == 0 and layers[1][0] == layers[0][1]  # contiguous [start, stop) split
+    if r.json()["parallel"] == "tensor":  # every rank runs every layer (half of each)
+        assert layers[0] == layers[1] == [0, 4]
+    else:
+        assert layers[0][0] == 0 and layers[1][0] == layers[0][1]  # contiguous [start, stop) split
