@@ -317,10 +317,10 @@ class Health:
             if now >= next_beat:
                 next_beat = now + interval
                 for r, c in list(self.peers.items()):
-                    if not c.send({"t": "hb"}):
+                    if not c.send({"t": "hb"}) and not self.stopping:
                         self.fail("heartbeat could not be sent (link down)", r)
             for r, c in list(self.peers.items()):
-                if now - c.last > deadline:
+                if now - c.last > deadline and not self.stopping:
                     self.fail(f"no heartbeat for {now - c.last:.1f} s (link down or host frozen)", r)
             if self._parent_gone():
                 self.fail("the launcher exited", 0)

@@ -135,6 +135,9 @@ def main() -> int:
                 rc = resolve(spec.role)(pipe, tokenizer, spec=spec, health=health, **spec.role_args)
             finally:
                 if health.error is None:
+                    # From here the workers exit on purpose: their closing heartbeat sockets
+                    # are the orderly end, not a lost rank (else a race reported one).
+                    health.stopping = True
                     pipe.close()
             health.stop()
             return int(rc or 0)
