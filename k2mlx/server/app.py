@@ -28,11 +28,13 @@ log = logging.getLogger("k2mlx.server")
 MAX_BODY = 32 << 20  # the most any body may be, whatever the context length
 PARSE_INLINE = 64 << 10  # bodies above this are parsed and checked in a worker thread
 BIG_PROMPT = 1 << 20  # prompts above this are tokenized one at a time (tokenizing holds the GIL)
+KEEPALIVE_S = 1.5  # under the 2 s that clients and proxies should ever wait for a byte
 
 
 def create_app(engine, model_name: str | None = None, api_key: str | None = None,
-               allow_origins: tuple[str, ...] = ()) -> FastAPI:
-    """`allow_origins`: web origins (`https://app.example`, or `*`) allowed besides loopback ones."""
+               allow_origins: tuple[str, ...] = (), keepalive_s: float = KEEPALIVE_S) -> FastAPI:
+    """`allow_origins`: web origins (`https://app.example`, or `*`) allowed besides loopback ones;
+    `keepalive_s`: the longest silence on a stream before a keep-alive is sent."""
     name = model_name or engine.model_name
     app = FastAPI(title="k2mlx", docs_url=None, redoc_url=None, openapi_url=None, default_response_class=JSON)
     counters = metrics.HttpCounters()
@@ -167,19 +169,24 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
             err["type"] = "error"
         return JSON(err, status_code=503 if engine.failure else 500)
 
-    def relay(stream, head, map_event, on_error, tail=()) -> StreamingResponse:
+    def relay(stream, head, map_event, on_error, tail=(), ping: str = sse.KEEPALIVE) -> StreamingResponse:
         """One SSE reply for every route: the `head` strings, each engine event through `map_event`,
         `on_error(err)` in place of a failed end, then the `tail` strings; the generation is
         cancelled however the client leaves. Every stream ends with the tail or an error event:
-        any exception while mapping or encoding (not just a failed generation) becomes one."""
+        any exception while mapping or encoding (not just a failed generation) becomes one.
+        `ping` is sent at once when there is no head, then after every `keepalive_s` without an
+        event (waiting for a slot, prefill), so clients and proxies never see a silent stream."""
         def wire(s: str) -> bytes:  # a lone surrogate can only sit inside a JSON string: escape it
             return s.encode("utf-8", "backslashreplace")
 
         async def gen():
             try:
-                for s in head:
+                for s in head or [ping]:
                     yield wire(s)
-                async for ev in stream:
+                async for ev in sse.paced(stream, keepalive_s):
+                    if ev is None:
+                        yield wire(ping)
+                        continue
                     if isinstance(ev, Done) and (err := done_error(ev)) is not None:
                         yield wire(on_error(err))
                         return
@@ -301,7 +308,8 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
 
         mapper = sse.AnthropicStream(name, len(prep.prompt))
         return relay(stream, mapper.start(), mapper.map,
-                     lambda err: sse.anthropic_event("error", {**err, "type": "error"}))
+                     lambda err: sse.anthropic_event("error", {**err, "type": "error"}),
+                     ping=sse.anthropic_event("ping", {"type": "ping"}))
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request):

@@ -3,6 +3,7 @@ matching non-streaming bodies. Pure functions of the event stream (no HTTP, no M
 are tested by driving the real chat parser with token streams."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -15,6 +16,36 @@ FINISH_TO_ANTHROPIC = {"stop": "end_turn", "length": "max_tokens", "tool_calls":
 
 def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies and timers see bytes
+
+
+async def paced(stream, interval: float):
+    """The stream's events, with None in place of each `interval` seconds without one (queue wait,
+    prefill, a slow step), so the caller can send a keep-alive. The pending read is never
+    cancelled by the wait (cancelling it would cancel the request)."""
+    it = stream.__aiter__()
+    nxt = None
+    try:
+        while True:
+            if nxt is None:
+                nxt = asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({nxt}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            try:
+                ev = nxt.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                if nxt.done():
+                    nxt = None
+            yield ev
+    finally:
+        if nxt is not None:
+            nxt.cancel()  # the client went away mid-wait: the request is cancelled with it
 
 
 def usage_dict(usage) -> dict:

@@ -249,6 +249,8 @@ def test_500_hostile_requests(flood_server):
                for ln in series), series
     assert len(series) <= 40 and len(metrics) < 8000, f"{len(series)} series, {len(metrics)} bytes"
     log = log_path.read_bytes()
+    if "K2MLX_FLOOD_DEBUG" in os.environ:
+        print(log.decode(errors="replace")[-4000:])
     assert len(log) < 64_000, f"the log grew {len(log)} bytes during the flood"
     assert log.count(b"did not deliver its request in time") <= 3  # once per 10 s interval
     assert took < 120, f"the run took {took:.0f} s"
