@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "each (default 20)")
     parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     parser.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: folder name)")
-    parser.add_argument("--cache-gb", type=float, default=2.0, help="prefix cache size in GB (default 2; 0 disables)")
+    from k2mlx.commands.flags import number
+
+    parser.add_argument("--cache-gb", type=number(0), default=2.0, help="prefix cache size in GB (default 2; 0 disables)")
     parser.add_argument("--prompt-cache-dir", metavar="DIR", default=None,
                         help="keep prompt prefixes' KV caches on disk here, so a restart does not prefill a long "
                         "system prompt again (default ~/.cache/k2mlx/prompt-cache; about 70 KB per token for K2)")
