@@ -11,10 +11,7 @@ import pytest
 from k2mlx.chat.parser import StreamParser, parse_all
 from k2mlx.events import ParseWarning, ReasoningDelta, TextDelta, ToolCallArgsDelta, ToolCallBegin, ToolCallEnd
 
-from tests.chat.test_chat_parser import check_invariants, collapse
-
-SB, SE = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
-CB, AB, CE = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+from tests.chat.test_chat_parser import AB, CB, CE, SB, SE, call, check_invariants, collapse, think_tok  # noqa: F401
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -23,17 +20,6 @@ TOOLS = [
     {"type": "function", "function": {"name": "read_file", "parameters": {
         "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}},
 ]
-
-
-@pytest.fixture(scope="module")
-def think_tok(tiny_thinking_checkpoint):
-    from k2mlx.tokenizer import load_tokenizer
-
-    return load_tokenizer(tiny_thinking_checkpoint)
-
-
-def call(cid, args):
-    return f"{CB}{cid}{AB}{args}{CE}"
 
 
 def calls_of(events):
@@ -107,22 +93,17 @@ CORPUS = [
 ]
 
 
-def feed_tokens(tok, ids, sizes, **kw):
+def feed_chunks(tok, data, sizes, **kw):
+    """Feed token ids (a list) or output bytes in chunks of sizes() items."""
     p, out, i = StreamParser(tok, **kw), [], 0
-    while i < len(ids):
-        n = sizes()
-        out += p.feed_many(ids[i : i + n])
-        i += n
-    return out + p.finish()
-
-
-def feed_bytes(tok, data, sizes, **kw):
-    p, out, i = StreamParser(tok, **kw), [], 0
+    feed = p.feed_bytes if isinstance(data, bytes) else p.feed_many
     while i < len(data):
         n = sizes()
-        out += p.feed_bytes(data[i : i + n])
+        out += feed(data[i : i + n])
         i += n
     return out + p.finish()
+
+
 
 
 @pytest.mark.parametrize("k", range(len(CORPUS)))
@@ -130,21 +111,21 @@ def feed_bytes(tok, data, sizes, **kw):
 def test_identical_events_for_every_chunking(think_tok, k, kw):
     text = CORPUS[k]
     ids = think_tok.encode(text)  # markers become their special ids
-    whole = feed_tokens(think_tok, ids, lambda: len(ids), **kw)
+    whole = feed_chunks(think_tok, ids, lambda: len(ids), **kw)
     ref = collapse(whole)
     check_invariants(ref)
-    assert feed_tokens(think_tok, ids, lambda: 1, **kw) == whole  # per token: the very same list
+    assert feed_chunks(think_tok, ids, lambda: 1, **kw) == whole  # per token: the very same list
     data = text.encode()
-    assert collapse(feed_bytes(think_tok, data, lambda: 1, **kw)) == ref  # one byte at a time
-    assert collapse(feed_bytes(think_tok, data, lambda: len(data), **kw)) == ref
+    assert collapse(feed_chunks(think_tok, data, lambda: 1, **kw)) == ref  # one byte at a time
+    assert collapse(feed_chunks(think_tok, data, lambda: len(data), **kw)) == ref
     # markers written as ordinary text tokens rather than special ids
     spelled = think_tok.encode(text, allow_special=False)
-    assert collapse(feed_tokens(think_tok, spelled, lambda: 1, **kw)) == ref
+    assert collapse(feed_chunks(think_tok, spelled, lambda: 1, **kw)) == ref
     rng = random.Random(k)
     for _ in range(10):
-        assert collapse(feed_bytes(think_tok, data, lambda: rng.randint(1, 7), **kw)) == ref
-        assert collapse(feed_tokens(think_tok, ids, lambda: rng.randint(1, 4), **kw)) == ref
-        assert not any("\ufffd" in getattr(e, "text", "") for e in feed_bytes(think_tok, data, lambda: rng.randint(1, 3), **kw))
+        assert collapse(feed_chunks(think_tok, data, lambda: rng.randint(1, 7), **kw)) == ref
+        assert collapse(feed_chunks(think_tok, ids, lambda: rng.randint(1, 4), **kw)) == ref
+        assert not any("\ufffd" in getattr(e, "text", "") for e in feed_chunks(think_tok, data, lambda: rng.randint(1, 3), **kw))
 
 
 def test_stray_text_inside_a_section_is_kept_and_whitespace_dropped(think_tok):
