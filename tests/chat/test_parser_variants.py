@@ -104,8 +104,6 @@ def feed_chunks(tok, data, sizes, **kw):
     return out + p.finish()
 
 
-
-
 @pytest.mark.parametrize("k", range(len(CORPUS)))
 @pytest.mark.parametrize("kw", [{"tools": TOOLS}, {"buffer_arguments": True, "tools": TOOLS}, {}])
 def test_identical_events_for_every_chunking(think_tok, k, kw):
