@@ -17,7 +17,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from k2mlx.engine.events import Done, ParseWarning, TextDelta
+from k2mlx.engine.events import Done, ParseWarning, PrefillProgress, TextDelta
 from k2mlx.errors import K2Error
 from k2mlx.server import convert, metrics, sse
 from k2mlx.server.errors import JSON, HTTPError, error_body, error_response, internal_error, request_id
@@ -169,13 +169,15 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
             err["type"] = "error"
         return JSON(err, status_code=503 if engine.failure else 500)
 
-    def relay(stream, head, map_event, on_error, tail=(), ping: str = sse.KEEPALIVE) -> StreamingResponse:
+    def relay(stream, head, map_event, on_error, tail=(), ping: str = sse.KEEPALIVE,
+              progress=sse.progress_comment) -> StreamingResponse:
         """One SSE reply for every route: the `head` strings, each engine event through `map_event`,
         `on_error(err)` in place of a failed end, then the `tail` strings; the generation is
         cancelled however the client leaves. Every stream ends with the tail or an error event:
         any exception while mapping or encoding (not just a failed generation) becomes one.
         `ping` is sent at once when there is no head, then after every `keepalive_s` without an
-        event (waiting for a slot, prefill), so clients and proxies never see a silent stream."""
+        event (waiting for a slot, prefill), so clients and proxies never see a silent stream;
+        `progress(event)` after each prefill chunk."""
         def wire(s: str) -> bytes:  # a lone surrogate can only sit inside a JSON string: escape it
             return s.encode("utf-8", "backslashreplace")
 
@@ -186,6 +188,9 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
                 async for ev in sse.paced(stream, keepalive_s):
                     if ev is None:
                         yield wire(ping)
+                        continue
+                    if isinstance(ev, PrefillProgress):
+                        yield wire(progress(ev))
                         continue
                     if isinstance(ev, Done) and (err := done_error(ev)) is not None:
                         yield wire(on_error(err))
@@ -210,7 +215,13 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     async def health():
         if engine.failure is not None:
             return JSON({"status": "error", "error": str(engine.failure)}, status_code=503)
-        return {"status": "ok", "model": name, "active": engine.stats.active, "queued": max(0, engine.stats.queue_depth)}
+        return {"status": "ok", "model": name, "active": engine.stats.active, "queued": max(0, engine.stats.queue_depth),
+                "prefill": prefill()}
+
+    def prefill() -> list[dict]:
+        """Requests reading their prompts: tokens done / total and an ETA (the engine's own view)."""
+        status = getattr(engine, "prefill_status", None)
+        return status() if status is not None else []
 
     @app.get("/v1/cluster")
     async def cluster(request: Request):
@@ -220,7 +231,8 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         if status is None:
             raise HTTPError(404, "this server does not run on a cluster", type_="not_found_error",
                             code="not_a_cluster")
-        return await run_in_threadpool(status)
+        snapshot = await run_in_threadpool(status)
+        return {**snapshot, "prefill": prefill()} if isinstance(snapshot, dict) else snapshot
 
     @app.get("/metrics")
     async def get_metrics(request: Request):
@@ -251,6 +263,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     async def chat_completions(request: Request):
         body = await body_of(request)
         req, opts = convert.chat_request(body)
+        req.progress = opts["stream"]  # PrefillProgress events: progress lines while the prompt is read
         _, stream = await start(request, req)
         if not opts["stream"]:
             col = sse.ChatCollector(name, req.logprobs)
@@ -270,6 +283,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     async def completions(request: Request):
         body = await body_of(request)
         req, opts = convert.completion_request(body)
+        req.progress = opts["stream"]  # PrefillProgress events: progress lines while the prompt is read
         _, stream = await start(request, req)
         mapper = sse.CompletionStream(name, opts["include_usage"])
         echo = opts["prompt"] if opts["echo"] else ""
@@ -298,6 +312,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     async def messages(request: Request):
         body = await body_of(request)
         req, opts = convert.messages_request(body)
+        req.progress = opts["stream"]  # PrefillProgress events: progress lines while the prompt is read
         prep, stream = await start(request, req)
         if not opts["stream"]:
             events = []
@@ -309,7 +324,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         mapper = sse.AnthropicStream(name, len(prep.prompt))
         return relay(stream, mapper.start(), mapper.map,
                      lambda err: sse.anthropic_event("error", {**err, "type": "error"}),
-                     ping=sse.anthropic_event("ping", {"type": "ping"}))
+                     ping=(ping := sse.anthropic_event("ping", {"type": "ping"})), progress=lambda ev: ping)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request):

@@ -21,6 +21,12 @@ def sse(obj) -> str:
 KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies and timers see bytes
 
 
+def progress_comment(ev) -> str:
+    """A PrefillProgress event as an SSE comment (OpenAI streams have no event for it)."""
+    eta = f" eta {ev.eta_s:.1f}s" if ev.eta_s is not None else ""
+    return f": prefill {ev.done}/{ev.total}{eta}\n\n"
+
+
 async def paced(stream, interval: float):
     """The stream's events, with None in place of each `interval` seconds without one (queue wait,
     prefill, a slow step), so the caller can send a keep-alive. The pending read is never

@@ -7,6 +7,7 @@ attention is quadratic); the test checks that it did (else it would prove nothin
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import httpx
@@ -50,11 +51,26 @@ def long_prompt_ids(tiny_tokenizer) -> list[int]:
 
 
 def test_openai_stream_keeps_alive_during_a_long_prefill(server, long_prompt_ids):
-    # /v1/completions has no head chunk: without keep-alives the first byte would come after prefill
-    chunks, first = timed_stream(server + "/v1/completions", {"prompt": long_prompt_ids, "max_tokens": 2,
-                                                              "stream": True})
+    seen: list[dict] = []
+    stop = threading.Event()
+
+    def watch():  # GET /health shows the prefill's progress meanwhile
+        while not stop.is_set():
+            seen.extend(httpx.get(server + "/health", timeout=30).json()["prefill"])
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        # /v1/completions has no head chunk: without keep-alives the first byte would come after prefill
+        chunks, first = timed_stream(server + "/v1/completions", {"prompt": long_prompt_ids, "max_tokens": 2,
+                                                                  "stream": True})
+    finally:
+        stop.set()
+        watcher.join()
     check(chunks, first, b": keep-alive\n\n")
     assert chunks[-1][1].endswith(b"data: [DONE]\n\n")
+    assert seen and all(p["total"] == len(long_prompt_ids) and 0 <= p["done"] <= p["total"] for p in seen), seen
 
 
 def test_anthropic_stream_pings_during_a_long_prefill(server, tiny_tokenizer, long_prompt_ids):
