@@ -10,6 +10,12 @@ interleaved, so a noisy shared machine slows each alike.
 
     python scripts/bench_model.py                 # the issue's shape (memory-bound on a Mac)
     python scripts/bench_model.py --preset cpu    # scaled down for the Linux CPU build
+    python scripts/bench_model.py --writer mlx-lm # the checkpoint written by mlx-lm's own code
+
+With `--writer mlx-lm` the checkpoint is what a current mlx-lm conversion holds: mlx-lm's own
+model built from the same config, randomized, quantized with its quantize_model and saved with
+its save_model (MLA as embed_q / unembed_out; scripts/mlx_lm_checkpoint.py), so both
+implementations run the very same stored matrices.
 """
 from __future__ import annotations
 
@@ -108,7 +114,8 @@ class Impl:
         if name.startswith("k2mlx"):
             from k2mlx.loading import load_model
 
-            self.model = load_model(folder)
+            # the MoE path is decided once at load (k2mlx.kernels.policy), one model per variant
+            self.model = load_model(folder, moe_path=self.moe_path)
             self.make_cache = self.model.make_cache
         elif name == "mlx-lm":
             from mlx_lm.models.cache import make_prompt_cache
@@ -123,8 +130,6 @@ class Impl:
     def __call__(self, tokens, cache):
         import mlx.core as mx
 
-        # k2mlx.kernels reads its MoE path per call, so variants can share one process
-        os.environ["K2MLX_MOE_PATH"] = self.moe_path
         tok = mx.argmax(self.model(tokens, cache)[:, -1], axis=-1)
         mx.eval(tok)
         return tok
@@ -185,6 +190,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="timed prefill rounds (best is kept)")
     ap.add_argument("--cache-dir", default=os.environ.get(
         "K2MLX_BENCH_DIR", str(Path.home() / ".cache" / "k2mlx" / "bench")))
+    ap.add_argument("--writer", choices=("k2mlx", "mlx-lm"), default="k2mlx",
+                    help="who writes the checkpoint: k2mlx (kv_b_proj layout) or mlx-lm's own save_model "
+                         "(embed_q/unembed_out)")
     ap.add_argument("--impls", default="k2mlx,mlx-lm",
                     help="comma list of k2mlx[:moe_path] and mlx-lm; moe_path = auto (default), "
                          "switch, reference or kernel (k2mlx.kernels' expert dispatch)")
@@ -193,12 +201,19 @@ def main(argv=None) -> int:
     import mlx.core as mx
 
     cfg = bench_config(PRESETS[a.preset])
-    folder = Path(a.cache_dir).expanduser() / f"k2-{a.preset}-q4"
+    folder = Path(a.cache_dir).expanduser() / (f"k2-{a.preset}-q4" + ("-mlx-lm" if a.writer == "mlx-lm" else ""))
     if not (folder / "config.json").exists():
         print(f"writing checkpoint to {folder} ...", file=sys.stderr)
-        write_checkpoint(folder, cfg)
+        if a.writer == "mlx-lm":
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from mlx_lm_checkpoint import write_mlx_lm_checkpoint
+
+            plain = {k: v for k, v in cfg.items() if k != "quantization"}
+            write_mlx_lm_checkpoint(folder, plain, bits=4, group_size=64, dtype=cfg["torch_dtype"])
+        else:
+            write_checkpoint(folder, cfg)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
-    print(f"checkpoint {folder} ({size:.2f} GB, 4-bit g64), preset {a.preset}: "
+    print(f"checkpoint {folder} ({size:.2f} GB, 4-bit g64, written by {a.writer}), preset {a.preset}: "
           + ", ".join(f"{k}={v}" for k, v in PRESETS[a.preset].items()))
     # On the CPU backend the machine may be shared: time with this process's CPU time (all
     # its threads), which other processes barely inflate. On a GPU: wall-clock time.
@@ -220,13 +235,7 @@ def main(argv=None) -> int:
             e.__traceback__ = None  # drop the frames holding that model's weights
             gc.collect()
             mx.clear_cache()
-    impls, k2 = [], None
-    for name in results:  # speed: all loaded (k2mlx variants share one model), interleaved
-        if name.startswith("k2mlx") and k2 is not None:
-            impls.append(_variant(k2, name))
-        else:
-            impls.append(Impl(name, folder))
-            k2 = impls[-1] if name.startswith("k2mlx") else k2
+    impls = [Impl(name, folder) for name in results]  # speed: all loaded, interleaved
     speed = measure_speed(impls, prompt, a.decode, a.rounds, clock)
     for name, sp in speed.items():
         results[name].update(prefill_tps=a.prompt / sp["prefill_s"], decode_tps=a.decode / sp["decode_s"],
@@ -248,17 +257,10 @@ def main(argv=None) -> int:
                   f"decode {k['decode_tps'] / m['decode_tps']:.2f}x, "
                   f"peak memory {k['peak_gb'] / m['peak_gb']:.2f}x; "
                   f"greedy tokens equal {same}/{len(k['tokens'])}")
-        print("(mlx-lm dequantizes kv_b_proj and re-quantizes it along another axis, so on random "
-              "weights its tokens drift from k2mlx's, which uses the checkpoint's own codes)")
+        if a.writer == "k2mlx":
+            print("(mlx-lm dequantizes kv_b_proj and re-quantizes it along another axis, so on random "
+                  "weights its tokens drift from k2mlx's, which uses the checkpoint's own codes)")
     return 0
-
-
-def _variant(base: Impl, name: str) -> Impl:
-    """Another MoE-path variant sharing the already loaded k2mlx model."""
-    v = Impl.__new__(Impl)
-    v.name, v.moe_path = name, name.partition(":")[2] or "auto"
-    v.model, v.make_cache = base.model, base.make_cache
-    return v
 
 
 if __name__ == "__main__":

@@ -7,14 +7,20 @@ preallocated stacked buffer [E, ...] that goes straight into the output shard. S
 are lazy (`mx.load`) and dropped once used, so peak memory stays near one unit's working set
 plus one output shard, not the model. Everything is written into a hidden temporary folder
 beside DST that is renamed to DST only after the index and config are complete; on any error
-it is removed, so a failed convert leaves nothing half-written.
+it is removed, so a failed convert leaves nothing half-written: on errors, Ctrl+C, SIGTERM and
+SIGHUP. A process killed outright (SIGKILL, power loss) cannot clean up, so every run first
+removes the temporary folders beside DST whose process is gone, and says so.
 """
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import re
 import shutil
+import signal
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +34,7 @@ from .formats import FLOAT, Source, decode_module, dequantize, detect, logical_s
 from .formats import mlx as mlx_format
 from .formats.writer import ShardWriter, to_numpy
 
+log = logging.getLogger(__name__)
 _EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)(\.[a-z_]+)$")
 # files that describe the weights themselves and are rewritten, never copied
 _REWRITTEN = {"config.json", shards.INDEX}
@@ -101,10 +108,17 @@ def _units(weight_map: dict, num_layers: int) -> list[tuple[str, list[str]]]:
 
 class Converter:
     def __init__(self, src, bits: int = 4, group_size: int = 64, class_bits: dict | None = None,
-                 dtype: str = "bfloat16"):
+                 dtype: str = "bfloat16", say=None):
+        """say: one-line notices for the user (removed leftovers, a signal); default: log.warning."""
+        self.say = say or log.warning
+        self.removed: list[Path] = []
+        from k2mlx import quantization
         from k2mlx.config import ModelArgs, load_config_file
+        from k2mlx.loading.resolve import resolve_model
 
-        self.src = Path(src)
+        quantization.check(bits, group_size, class_bits)  # e.g. group 7 wrote float labelled 4-bit
+
+        self.src = resolve_model(src)  # a folder or a repo id in the local Hugging Face cache
         self.config = load_config_file(self.src)
         self.args = ModelArgs.from_dict(self.config, path=str(self.src / "config.json"))
         self.source: Source = detect(self.config, str(self.src / "config.json"))
@@ -307,11 +321,13 @@ class Converter:
             raise K2Error("output folder must differ from the source folder")
         self.validate()
         dst.parent.mkdir(parents=True, exist_ok=True)
+        self.removed = remove_stale_partials(dst, self.say)
         tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         import mlx.core as mx
 
+        old_handlers = _cleanup_on_signals()
         # MLX keeps freed buffers for reuse; converting frees one tensor after another, so a
         # cache would only hold memory the next unit does not need (the output shard is numpy)
         old_cache = mx.set_cache_limit(0)
@@ -348,10 +364,14 @@ class Converter:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, dst)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, _Signalled):
+                self.say(f"stopped by {signal.Signals(e.signum).name}; removed the partial output {tmp}")
             raise
         finally:
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
             mx.set_cache_limit(old_cache)
         return Result(dst, len(self.done), writer.total_bytes, len(writer.files), self.quantization())
 
@@ -385,6 +405,63 @@ class Converter:
                 shutil.copy2(p, out / p.name)
 
 
+class _Signalled(SystemExit):
+    """SIGTERM / SIGHUP during a convert: unwinds through the cleanup, exits 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def _cleanup_on_signals() -> dict:
+    """Turn SIGTERM and SIGHUP into an exception (main thread only), so the temporary folder
+    is removed as on any error; returns the handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, _frame):
+        raise _Signalled(signum)
+
+    old = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            old[sig] = signal.signal(sig, handler)
+    return old
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_partials(dst: Path, say=None) -> list[Path]:
+    """Remove `.DST.partial-PID` folders beside DST whose process is gone (a convert killed with
+    SIGKILL or by a power loss), and `.DST.old-PID` ones once DST exists again (an interrupted
+    --force swap: until then the old folder is the only copy). Returns what was removed."""
+    say = say or log.warning
+    removed = []
+    for p in sorted(Path(dst).parent.glob(f".{glob.escape(Path(dst).name)}.*-*")):
+        m = _TEMP.match(p.name)
+        if m is None or m["name"] != Path(dst).name or p.is_symlink() or not p.is_dir():
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _pid_alive(pid) or (m["kind"] == "old" and not Path(dst).exists()):
+            continue
+        shutil.rmtree(p)
+        say(f"removed {p}, left behind by an interrupted convert (process {pid} is gone)")
+        removed.append(p)
+    return removed
+
+
 def _sanitize(weights: dict, args) -> dict:
     from k2mlx.loading.sanitize import sanitize
 
@@ -403,12 +480,12 @@ def _progress(enabled: bool):
 
 def convert(src, dst, bits: int = 4, group_size: int = 64, class_bits: dict | None = None,
             dtype: str = "bfloat16", shard_bytes: int = 5 * 1024**3, force: bool = False,
-            progress: bool = True) -> Result:
+            progress: bool = True, say=None) -> Result:
     """Convert SRC (any supported format) into a sharded MLX checkpoint at DST.
 
     bits 16 keeps every weight float (`dtype`); class_bits overrides bits per module class
     ('experts', 'shared', 'attention', 'dense', 'embed', 'head'; 16 = float)."""
-    conv = Converter(src, bits, group_size, class_bits, dtype)
+    conv = Converter(src, bits, group_size, class_bits, dtype, say=say)
     return conv.run(dst, shard_bytes, force, progress)
 
 

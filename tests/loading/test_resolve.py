@@ -120,7 +120,7 @@ def test_default_is_the_embedded_asset():
 
 # ---- the CLI: repo ids everywhere, and one line for a checkpoint without a tokenizer ----
 
-def k2mlx_cli(*argv, env=None, timeout=120):
+def k2mlx_cli(*argv, env=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "k2mlx.cli", *argv], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
@@ -164,3 +164,17 @@ def test_serve_without_tokenizer_refuses_to_start(no_tokenizer):
     assert len(lines) == 1 and "tiktoken.model" in lines[0], r.stderr
     with socket.socket() as s:  # nothing is listening
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_convert_and_check_take_a_repo_id(hub, four_shards, tmp_path):
+    from k2mlx.loading.check import check
+    from k2mlx.loading.convert import convert
+
+    hub_layout(hub, "org/tiny-k2", four_shards)
+    out = convert("org/tiny-k2", tmp_path / "q4", bits=4, group_size=32, progress=False).out
+    assert k2mlx.load(out)[1] is not None  # the tokenizer files came along
+    assert check("org/tiny-k2").ok
+    r = k2mlx_cli("convert", "--model", "org/absent", "--out", str(tmp_path / "x"), "--quiet",
+                  env={"HF_HUB_CACHE": str(hub)})
+    assert r.returncode == 1 and r.stderr.strip().endswith("k2mlx download org/absent")
+    assert not (tmp_path / "x").exists()
