@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from k2mlx.errors import RequestError
-from k2mlx.grammar.spec import END_THINK, THINK, ReplySpec, Tool, to_lark
+from k2mlx.grammar.spec import END_THINK, THINK, TOOL_MARKERS, ReplySpec, Tool, to_lark
 
 # Constrain tool calls under tool_choice "auto" too (see docs/BENCHMARKS.md for its cost).
 # K2MLX_CONSTRAIN_AUTO_TOOLS=0 switches it off for the process; read once at import.
@@ -69,8 +69,9 @@ def reply_spec(tokenizer, request, prompt: list[int], forced: list[int]) -> Repl
     content = parse_response_format(getattr(request, "response_format", None))
     tools = _tools(request.tools)
     choice = request.tool_choice
-    if not tools or choice == "none":
-        tools, choice = [], "none"
+    sp = tokenizer.special_tokens
+    if not tools or choice == "none" or not all(m in sp for m in TOOL_MARKERS):
+        tools, choice = [], "none"  # (a tokenizer without K2's markers cannot call tools at all)
     named = None
     if isinstance(choice, dict):
         fn = choice.get("function") if isinstance(choice.get("function"), dict) else choice
@@ -87,7 +88,6 @@ def reply_spec(tokenizer, request, prompt: list[int], forced: list[int]) -> Repl
         spec.tools = tools
         spec.choice = named if named is not None else choice
         spec.forced = "call" if named is not None else ("section" if choice == "required" else "")
-    sp = tokenizer.special_tokens
     if not forced and THINK in sp and END_THINK in sp:
         rendered = prompt[: len(prompt) - len(forced)]
         spec.reasoning = "open" if rendered and rendered[-1] == sp[THINK] else "optional"

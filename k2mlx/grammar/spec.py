@@ -16,6 +16,7 @@ from typing import Any
 SB, SE = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CB, AB, CE = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
 THINK, END_THINK = "<think>", "</think>"
+TOOL_MARKERS = (SB, SE, CB, AB, CE)
 MAX_PARALLEL_CALLS = 8  # calls one constrained reply may hold
 ANY_OBJECT = {"type": "object"}
 
