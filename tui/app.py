@@ -19,6 +19,7 @@ from textual.worker import Worker
 from k2mlx.engine.events import (Done, ParseWarning, ReasoningDelta, TextDelta, ToolCallArgsDelta, ToolCallBegin,
                                  ToolCallEnd)
 from k2mlx.tui.commands import COMMANDS, dispatch
+from k2mlx.tui.screens.confirm import ConfirmQuit
 from k2mlx.tui.messages import ChatMessage, ReplyStats, ToolCall, ToolResult
 from k2mlx.tui.sessions import SessionStore
 from k2mlx.tui.tools import ApprovalPolicy, Decision, ToolRefused, ToolRegistry, Workspace, builtin_tools, call_tool
@@ -28,6 +29,8 @@ from k2mlx.tui.widgets.status import ClusterPanel, StatusBar
 from k2mlx.tui.widgets.toolcard import ToolCard, history_preview
 
 HERE = Path(__file__).parent
+WELCOME = ("Enter sends · Ctrl+J new line · Esc stops · y/a/n answer a tool · Ctrl+R resumes · "
+           "Ctrl+Q quits · /help for commands and keys")
 DEFAULT_SYSTEM = ("You are Kimi, an AI assistant created by Moonshot AI, running locally through k2mlx. "
                   "You can use tools to read, search and edit files in the user's workspace and run commands there.")
 
@@ -36,7 +39,7 @@ class ChatApp(App):
     TITLE = "k2mlx chat"
     CSS_PATH = [HERE / "app.tcss", HERE / "widgets" / "chat.tcss", HERE / "widgets" / "toolcard.tcss",
                 HERE / "widgets" / "prompt.tcss", HERE / "widgets" / "status.tcss", HERE / "screens" / "picker.tcss",
-                HERE / "screens" / "help.tcss"]
+                HERE / "screens" / "help.tcss", HERE / "screens" / "confirm.tcss"]
     BINDINGS = [Binding("escape", "stop", "Stop"), Binding("ctrl+q", "quit", "Quit", priority=True),
                 Binding("ctrl+r", "resume", "Resume"), Binding("f1", "help", "Help")]
     ENABLE_COMMAND_PALETTE = False
@@ -64,6 +67,7 @@ class ChatApp(App):
         self.cluster_poll_s = cluster_poll_s
         self.messages: list[ChatMessage] = []
         self.session_id: str | None = None
+        self.session_model = ""  # the model a resumed session recorded
         self.stats: ReplyStats | None = None
         self.ready = asyncio.Event()
         self.turn_worker: Worker | None = None
@@ -93,6 +97,7 @@ class ChatApp(App):
         self.conversation.anchor()
         self.query_one(PromptInput).focus()
         self.status.set(tools=len(self.registry.tools))
+        await self.note(WELCOME, classes="welcome")
         self.run_worker(self._connect(), group="connect", exit_on_error=False)
         if self.mcp_servers:
             self.run_worker(self._start_mcp(), group="mcp", exit_on_error=False)
@@ -165,8 +170,8 @@ class ChatApp(App):
         self.status.set(tools=len(self.registry.tools) if self.registry.enabled else 0)
 
     # ------------------------------------------------------------------ conversation helpers
-    async def note(self, text: str, *, error: bool = False, markdown: bool = False) -> SystemNote:
-        w = SystemNote(text, markdown=markdown, classes="error" if error else "")
+    async def note(self, text: str, *, error: bool = False, markdown: bool = False, classes: str = "") -> SystemNote:
+        w = SystemNote(text, markdown=markdown, classes=" ".join(c for c in ("error" if error else "", classes) if c))
         await self.conversation.mount(w)
         return w
 
@@ -209,12 +214,14 @@ class ChatApp(App):
         await self.clear_conversation()
         self.session_id = info.id
         self.system = info.system
+        self.session_model = info.model
         self.messages = self.store.messages(info.id)
-        await self.render_history(self.messages)
+        await self.render_history(self.messages, label=info.model or self._label())
         await self.note(f"resumed session {info.id}: {info.title} ({len(self.messages)} messages)")
         return True
 
-    async def render_history(self, messages: list[ChatMessage]) -> None:
+    async def render_history(self, messages: list[ChatMessage], label: str | None = None) -> None:
+        """`label`: who said the assistant lines (the session's recorded model)."""
         cards: dict[str, ToolCard] = {}
         widgets = []
         for m in messages:
@@ -223,7 +230,7 @@ class ChatApp(App):
             elif m.role == "assistant":
                 if m.content or m.reasoning or not m.tool_calls:
                     note = {"cancelled": "stopped", "length": "cut at max tokens"}.get(m.finish_reason or "", "")
-                    widgets.append(AssistantMessage(m.content, m.reasoning, label=self._label(), note=note))
+                    widgets.append(AssistantMessage(m.content, m.reasoning, label=label or self._label(), note=note))
                 for c in m.tool_calls:
                     tool = self.registry.get(c.name)
                     cards[c.id] = ToolCard(c, source=tool.source if tool else "built-in", preview=history_preview(c))
@@ -234,7 +241,11 @@ class ChatApp(App):
                 cards[m.tool_call_id].set_result(ToolResult(m.finish_reason or "ok", m.content))
 
     def _label(self) -> str:
-        return self.model_label or (self.backend.display_name if self.backend else "k2")
+        if self.model_label:
+            return self.model_label
+        if self.backend is not None:
+            return self.backend.display_name
+        return self.session_model or "assistant"  # still connecting: the session's model, if resumed
 
     # ------------------------------------------------------------------ input
     async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
@@ -262,9 +273,22 @@ class ChatApp(App):
 
     def action_stop(self) -> None:
         if self.generating:
-            self.turn_worker.cancel()
-        else:
-            self.query_one(PromptInput).focus()
+            self.turn_worker.cancel()  # a tool waiting for approval is cancelled with the turn, never run
+        self.query_one(PromptInput).focus()  # back to typing (the approval card had the focus)
+
+    async def action_quit(self) -> None:
+        """Ctrl+Q: quit, but ask first if the input holds an unsent draft."""
+        if not self.query_one(PromptInput).text.strip() or isinstance(self.screen, ConfirmQuit):
+            self.exit()
+            return
+
+        def answered(quit_: bool | None) -> None:
+            if quit_:
+                self.exit()
+            else:
+                self.query_one(PromptInput).focus()
+
+        self.push_screen(ConfirmQuit(), answered)
 
     def action_resume(self) -> None:
         self.run_worker(dispatch(self, "/resume"), group="cmd")
@@ -422,7 +446,9 @@ class ChatApp(App):
             except ValueError as e:
                 problem = ToolResult("error", str(e))
         card = ToolCard(call, source=tool.source if tool else "built-in",
-                        needs_approval=bool(tool and self.policy.guarded(tool)), preview=preview)
+                        needs_approval=bool(tool and self.policy.guarded(tool)), preview=preview,
+                        confinement=tool.confinement if tool else "", always_asks=bool(tool and tool.always_asks),
+                        network_option=bool(tool and tool.network_option))
         await self.conversation.mount(card)
         self.conversation.scroll_end(animate=False)
         if problem is not None:
@@ -438,7 +464,9 @@ class ChatApp(App):
                 card.set_result(result)
                 return result
             self.policy.record(tool, decision)
+        else:
+            decision = None
         card.set_status("running")
-        result = await call_tool(tool, args)
+        result = await call_tool(tool, args, network=decision is Decision.NETWORK)
         card.set_result(result)
         return result

@@ -93,11 +93,22 @@ async def cmd_tools(app, arg):
         return
     lines = [f"tools ({'on' if reg.enabled else 'off'}), workspace `{app.workspace.root}`:", ""]
     for t in reg.tools.values():
-        ask = "asks first" if t.needs_approval and t.name not in app.policy.always else (
-            "always allowed" if t.needs_approval else "read-only")
         src = "" if t.source == "built-in" else f" (MCP: {t.source})"
-        lines.append(f"- `{t.name}`{src}: {t.description} *{ask}*")
+        lines.append(f"- `{t.name}`{src}: {t.description} *{tool_approval_label(app.policy, t)}*")
+        if t.confinement:
+            lines.append(f"  ({t.confinement})")
     await app.note("\n".join(lines), markdown=True)
+
+
+def tool_approval_label(policy, tool) -> str:
+    """How this tool is approved now: the same rule the app applies (ApprovalPolicy)."""
+    if tool.always_asks:
+        return "asks every time (no sandbox)"
+    if policy.needs_prompt(tool):
+        return "asks first"
+    if policy.guarded(tool):
+        return "allowed without asking (--yes)" if policy.auto_approve else "always allowed (this session)"
+    return "runs without asking (read-only)"
 
 
 async def cmd_clear(app, arg):

@@ -164,7 +164,7 @@ async def test_errors_are_shown_and_the_chat_goes_on(make_app, local_server):
     app = make_app(backend=Backend("http://127.0.0.1:9/v1"))
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_for(pilot, lambda: app.ready.is_set(), what="the connection attempt")
-        assert "could not list models at http://127.0.0.1:9/v1" in list(app.query(SystemNote))[0].source
+        assert "could not list models at http://127.0.0.1:9/v1" in list(app.query(SystemNote))[1].source  # after the welcome line
         # an endpoint was given: no note may talk about starting a (local) model
         assert not any("could not start the model" in n.source for n in app.query(SystemNote))
         before = app.turns_done

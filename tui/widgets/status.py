@@ -39,34 +39,45 @@ class StatusBar(Static):
             setattr(self, k, v)
         self.update(self.render_text())
 
-    def render_text(self) -> Text:
-        t = Text(no_wrap=True, overflow="ellipsis")
-        t.append(f" {self.model} ", style="bold reverse")
-        if self.state:
-            t.append(f" {self.state}", style="yellow")
+    def _fields(self, short: bool) -> list[tuple[str, str]]:
         s = self.stats
-        sep = (" │ ", "dim")
-        t.append(*sep)
         if s is None:
-            t.append("prefill – · decode – tok/s", style="dim")
+            speed = ("pf – · dec – t/s" if short else "prefill – · decode – tok/s", "dim")
         else:
             mark = "" if s.measured == "server" else "~"
-            t.append(f"prefill {mark}{_k(round(s.prefill_tps))} · decode {mark}{s.decode_tps:.1f} tok/s")
-        t.append(*sep)
+            pf, dec = f"{mark}{_k(round(s.prefill_tps))}", f"{mark}{s.decode_tps:.1f}"
+            speed = (f"pf {pf} · dec {dec} t/s" if short else f"prefill {pf} · decode {dec} tok/s", "")
         used = s.context_used if s else 0
-        narrow = self.size.width and self.size.width < 100  # 80 columns: drop the extras, keep the numbers
         if self.limit:
             pct = 100 * used / self.limit
-            t.append(f"ctx {_k(used)}/{_k(self.limit)}" + ("" if narrow else f" ({pct:.0f}%)"),
-                     style="red" if pct > 90 else "")
+            ctx = (f"ctx {_k(used)}/{_k(self.limit)}" + ("" if short else f" ({pct:.0f}%)"), "red" if pct > 90 else "")
         else:
-            t.append(f"ctx {_k(used)}")
-        if not narrow:
-            t.append(*sep)
-            t.append(f"tools {self.tools}" if self.tools else "tools off")
-        if self.extra:
-            t.append(*sep)
-            t.append(self.extra)
+            ctx = (f"ctx {_k(used)}", "")
+        fields = [speed, ctx, (f"tools {self.tools}" if self.tools else "tools off", "")]
+        return fields + ([(self.extra, "")] if self.extra else [])
+
+    def render_text(self) -> Text:
+        """Every field fits the bar's width: long forms where they fit (model name up to 24
+        characters kept), else short ones, and the model name gives way last."""
+        width = self.size.width
+        sep = " │ "
+        state = len(f" {self.state}") if self.state else 0
+        fields = self._fields(short=False)
+        rest = state + sum(len(sep) + len(f) for f, _ in fields)
+        if width and min(len(self.model), 24) + 2 + rest > width:
+            fields = self._fields(short=True)
+            rest = state + sum(len(sep) + len(f) for f, _ in fields)
+        model = self.model
+        if width and len(model) + 2 + rest > width:
+            room = max(6, width - rest - 2)
+            model = model if len(model) <= room else model[:room - 1] + "…"
+        t = Text(no_wrap=True, overflow="ellipsis")
+        t.append(f" {model} ", style="bold reverse")
+        if self.state:
+            t.append(f" {self.state}", style="yellow")
+        for text, style in fields:
+            t.append(sep, style="dim")
+            t.append(text, style=style)
         return t
 
 

@@ -1,5 +1,5 @@
-"""A tool call as a card: tool, arguments (or the diff it would make), approval buttons,
-status, duration and result."""
+"""A tool call as a card: tool, arguments (or the diff it would make), what confines it
+(run_shell: the sandbox, or that there is none), approval buttons, status, duration and result."""
 from __future__ import annotations
 
 import asyncio
@@ -62,15 +62,20 @@ def _cap_lines(text: str, n: int) -> str:
 
 class ToolCard(Vertical, can_focus=True):
     BINDINGS = [Binding("y", "decide('once')", "Allow once"), Binding("a", "decide('always')", "Allow always"),
+                Binding("w", "decide('network')", "Allow once with network"),
                 Binding("n", "decide('deny')", "Deny"), Binding("c", "copy", "Copy result")]
 
     def __init__(self, call: ToolCall, *, source: str = "built-in", needs_approval: bool = False,
-                 preview: str | None = None, **kw):
+                 preview: str | None = None, confinement: str = "", always_asks: bool = False,
+                 network_option: bool = False, **kw):
         super().__init__(**kw)
         self.call = call
         self.source = source
         self.needs_approval = needs_approval
         self.preview = preview
+        self.confinement = confinement  # the sandbox line (run_shell)
+        self.always_asks = always_asks  # no sandbox: "always" is not offered
+        self.network_option = network_option
         self.status = "pending"
         self.result: ToolResult | None = None
         self._future: asyncio.Future | None = None
@@ -78,13 +83,18 @@ class ToolCard(Vertical, can_focus=True):
     def compose(self) -> ComposeResult:
         yield Static(self._header(), classes="tool-header")
         yield Static(_args_view(self.call), classes="tool-args")
+        if self.confinement:
+            yield Static(Text(self.confinement), classes="tool-sandbox" + (" -none" if self.always_asks else ""))
         diff = Static(self._diff(), classes="tool-diff")
         diff.display = bool(self.preview)
         yield diff
         with Horizontal(classes="approval"):
             yield Static("allow?", classes="ask")
             yield Button("Allow once [y]", id="once", variant="success", compact=True)
-            yield Button("Always [a]", id="always", variant="primary", compact=True)
+            if self.network_option:
+                yield Button("Once + network [w]", id="network", variant="warning", compact=True)
+            if not self.always_asks:
+                yield Button("Always [a]", id="always", variant="primary", compact=True)
             yield Button("Deny [n]", id="deny", variant="error", compact=True)
         result = Static("", classes="tool-result")
         result.display = False
@@ -131,8 +141,14 @@ class ToolCard(Vertical, can_focus=True):
             self._future = None
 
     def action_decide(self, choice: str) -> None:
-        if self._future is not None and not self._future.done():
-            self._future.set_result(Decision(choice))
+        if self._future is None or self._future.done():
+            return
+        if choice == "always" and self.always_asks:
+            self.app.notify("no sandbox: this tool asks every time (y allows once)", severity="warning")
+            return
+        if choice == "network" and not self.network_option:
+            return
+        self._future.set_result(Decision(choice))
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         event.stop()
