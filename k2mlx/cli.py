@@ -27,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+MOE_PATHS = ("auto", "switch", "reference", "kernel")  # k2mlx.kernels.policy.PATHS (not imported: mlx)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from k2mlx import __version__
 
@@ -39,11 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
                         help="log verbosity of k2mlx's engine, loading, server and cluster (default warning; "
                              "failures are logged with their tracebacks)")
+    parser.add_argument("--moe-path", choices=MOE_PATHS, default=None,
+                        help="how MoE layers run, for every model this command loads: auto (default: "
+                        "measured once per machine and shape), switch, reference, kernel; as K2MLX_MOE_PATH")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         # also accepted after the command (`k2mlx generate --debug`); SUPPRESS keeps a global one
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+        p.add_argument("--moe-path", choices=MOE_PATHS, default=argparse.SUPPRESS, help="as before the command")
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:  # a command whose module is not written yet
@@ -80,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     from k2mlx.errors import K2Error
 
     debug = args.debug or os.environ.get("K2MLX_DEBUG")
+    if args.moe_path:  # read by k2mlx.kernels.policy at every load, here and in child ranks
+        os.environ["K2MLX_MOE_PATH"] = args.moe_path
     setup_logging(args.log_level)
     try:
         rc = importlib.import_module(args._module).run(args)

@@ -20,8 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint for the pipeline and generation checks "
                         "(default: the default model)")
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--moe-path", choices=("auto", "switch", "reference", "kernel"),
-                        help="MoE path for the model checks (default: K2MLX_MOE_PATH, else auto)")
     parser.add_argument("--bench", action="store_true",
                         help="instead of the checks: a short table for bug reports (machine, the MoE "
                         "path chosen, decode tokens/s per MoE path for the default model and a "
@@ -138,7 +136,7 @@ def check_moe_path(args):
     def run():
         from k2mlx import load
 
-        model, _ = load(_model_path(args), moe_path=args.moe_path)
+        model, _ = load(_model_path(args))
         plan = model.moe_plan
         return f"asked {plan.requested}, backend {plan.backend or 'cpu'}: {plan.summary()}"
 
@@ -154,7 +152,7 @@ def check_generation(args):
             from k2mlx.engine.request import GenerationRequest, SamplingParams
         except ImportError as e:
             raise Skip(f"engine not available ({e})")
-        model, tok = load(_model_path(args), moe_path=args.moe_path)
+        model, tok = load(_model_path(args))
         engine = Engine(model, tok, max_batch=1, cache_bytes=0)
         req = GenerationRequest(messages=[{"role": "user", "content": "Hello!"}], max_tokens=8,
                                 sampling=SamplingParams(temperature=0.0))

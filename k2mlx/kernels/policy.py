@@ -30,6 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from k2mlx.errors import K2Error
+from k2mlx.kernels.cachedir import cache_root
 from k2mlx.kernels.dispatch import LayerPlan
 from k2mlx.kernels.launch import NSG, ROWS, TT, dims, gpu_backend, kernel_unsupported
 from k2mlx.kernels.reference import Experts
@@ -85,10 +86,6 @@ def requested_path(path: str | None = None) -> str:
 
 
 # ---- the cache key ----
-
-def cache_root() -> Path:
-    return Path(os.environ.get("K2MLX_CACHE") or Path.home() / ".cache" / "k2mlx")
-
 
 def chip() -> str:
     import mlx.core as mx

@@ -12,8 +12,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import mlx.core as mx
 import numpy as np
@@ -83,15 +81,19 @@ def test_a_bad_path_is_a_one_line_error_at_load(fresh, monkeypatch, how):
     assert "\n" not in msg and name in msg and "auto, switch, reference, kernel" in msg and "'fast'" in msg
 
 
-def test_generate_reports_a_bad_path_before_any_rate(fresh):
-    """`k2mlx generate` with a bad K2MLX_MOE_PATH: one line, exit 1, no made-up prefill rate."""
-    exe = shutil.which("k2mlx")
-    cmd = [exe] if exe else [sys.executable, "-c", "import sys; from k2mlx.cli import main; sys.exit(main())"]
-    p = subprocess.run([*cmd, "generate", "--prompt", "Hello", "--max-tokens", "2"], capture_output=True,
-                       text=True, timeout=120, env={**os.environ, "K2MLX_MOE_PATH": "fast"})
-    assert p.returncode != 0
-    assert "K2MLX_MOE_PATH" in p.stderr and "Traceback" not in p.stderr, p.stderr
-    assert "tokens/s" not in p.stdout + p.stderr and "prefill" not in p.stdout + p.stderr
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_the_cli_flag_overrides_for_every_load(fresh, monkeypatch, tmp_path, where):
+    # (a bad K2MLX_MOE_PATH in `generate`: tests/test_cli_ux.py)
+    from k2mlx.cli import main
+
+    monkeypatch.setenv("K2MLX_MOE_PATH", "auto")  # restored after the test; main sets it
+    out = tmp_path / "r.json"
+    rest = ["--only", "moe-path", "--json", str(out)]
+    argv = (["--moe-path", "reference", "selftest", *rest] if where == "before"
+            else ["selftest", "--moe-path", "reference", *rest])
+    assert main(argv) == 0
+    (r,) = json.loads(out.read_text())
+    assert "asked reference" in r["detail"] and "experts reference" in r["detail"], r
 
 
 @pytest.mark.skipif(gpu_backend() is not None, reason="the kernels can run here")
