@@ -49,17 +49,27 @@ def test_model_path_that_is_a_file(tiny_checkpoint, capsys):
     assert "expected a model folder, got a file" in line and str(tiny_checkpoint) in line
 
 
-def test_unknown_model_type_lists_the_known_ones(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+def _llama_folder(folder, tiny_checkpoint):
+    """A folder with a tokenizer (load() reads it first) and a config of an unsupported type."""
+    import shutil
+
+    for f in os.listdir(tiny_checkpoint):
+        if f.startswith("tokeni") or f.endswith(".model"):
+            shutil.copy(os.path.join(tiny_checkpoint, f), folder / f)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+
+
+def test_unknown_model_type_lists_the_known_ones(tmp_path, capsys, tiny_checkpoint):
+    _llama_folder(tmp_path, tiny_checkpoint)
     assert main(["generate", "--model", str(tmp_path)]) == 1
     line = _one_error_line(capsys, "generate")
     assert "unknown model_type 'llama' (expected one of kimi_k2, deepseek_v3, kimi_k25)" in line
 
 
-def test_debug_is_accepted_after_the_command(tmp_path):
+def test_debug_is_accepted_after_the_command(tmp_path, tiny_checkpoint):
     from k2mlx.errors import ConfigError
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    _llama_folder(tmp_path, tiny_checkpoint)
     with pytest.raises(ConfigError):  # --debug re-raises for the traceback
         main(["generate", "--model", str(tmp_path), "--debug"])
     with pytest.raises(ConfigError):
@@ -161,3 +171,143 @@ def test_chat_with_a_bad_model_fails_before_the_app_opens(tmp_path, kind):
     assert p.returncode == 1
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("k2mlx chat: error: ") and str(model) in err[0], err
+
+
+# ---------------------------------------------------------------- plan / convert / flags (issue 13)
+
+def _argparse_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("memory", ["2", "256", "2,512"])
+def test_plan_that_does_not_fit_says_by_how_much_and_prints_nothing_negative(memory, capsys):
+    assert main(["plan", "--model", FIXTURE_CONFIG, "--memory", memory]) == 2
+    out = capsys.readouterr().out
+    assert not re.search(r"-\d", out), out  # was "usable -2040109465 B" and "wired_limit_mb=-2048"
+    verdict = next(line for line in out.splitlines() if "does not fit" in line)
+    assert re.search(r"\d[\d,.]* (GiB|MiB) short in all \(host \d needs", verdict), verdict
+    if memory.split(",")[0] == "2":
+        assert "host 0: 2 GB is all kept for macOS" in out
+    assert main(["plan", "--model", FIXTURE_CONFIG, "--memory", memory, "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    numbers = [v for h in p["hosts"] for v in h.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    assert min(numbers) >= 0 and p["short_bytes"] > 0 and not p["fits"]
+    assert all(h["num_layers"] >= 1 for h in p["hosts"])  # a host the OS reserve fills still gets a layer
+    assert p["short_bytes"] == sum(max(0, h["bytes"] - h["usable_bytes"]) for h in p["hosts"])
+
+
+@pytest.mark.parametrize("argv,flag", [(["--bits", "0"], "--bits"), (["--bits", "99"], "--bits"),
+                                       (["--bits", "7"], "--bits"), (["--group-size", "7"], "--group-size"),
+                                       (["--expert-bits", "1"], "--expert-bits"), (["--context", "-5"], "--context"),
+                                       (["--hosts", "0"], "--hosts")])
+def test_plan_refuses_what_mlx_cannot_quantize(argv, flag, capsys):
+    line = _argparse_error(capsys, ["plan", "--model", FIXTURE_CONFIG, *argv])
+    assert line.startswith(f"k2mlx plan: error: argument {flag}: "), line
+
+
+def test_quantization_choices_are_what_mlx_quantize_accepts():
+    import mlx.core as mx
+
+    from k2mlx.quantization import MLX_BITS, MLX_GROUP_SIZES
+
+    def ok(bits, group):
+        try:
+            mx.eval(*mx.quantize(mx.ones((2, 256)), group_size=group, bits=bits))
+            return True
+        except ValueError:
+            return False
+
+    assert all(ok(b, 64) for b in MLX_BITS)
+    assert [b for b in range(2, 17) if ok(b, 64)] == list(MLX_BITS)  # 7 and 9..16 are not MLX bits
+    assert [g for g in (8, 16, 32, 64, 128, 256) if ok(4, g)] == list(MLX_GROUP_SIZES)
+
+
+def test_convert_group_size_7_is_refused_not_written_as_float(tiny_checkpoint, tmp_path, capsys):
+    from k2mlx.errors import ConfigError
+    from k2mlx.loading.convert import convert
+
+    line = _argparse_error(capsys, ["convert", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "g7"),
+                                    "--group-size", "7"])
+    assert line.startswith("k2mlx convert: error: argument --group-size: must be one of 32, 64, 128"), line
+    with pytest.raises(ConfigError, match="group size must be one of 32, 64, 128"):
+        convert(tiny_checkpoint, tmp_path / "g7", bits=4, group_size=7, progress=False)
+    with pytest.raises(ConfigError, match="experts bits must be one of"):
+        convert(tiny_checkpoint, tmp_path / "g7", bits=4, group_size=64, class_bits={"experts": 7}, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_convert_removes_its_partial_folder_on_sigterm_and_sighup(tiny_checkpoint, tmp_path, sig):
+    """The signal arrives while the first unit is written (sent by the process to itself)."""
+    script = (
+        "import os, signal\n"
+        "from k2mlx.loading import convert as c\n"
+        "real = c.Converter._unit\n"
+        "def unit(self, *a, **k):\n"
+        "    real(self, *a, **k)\n"
+        f"    os.kill(os.getpid(), signal.{sig})\n"
+        "c.Converter._unit = unit\n"
+        f"c.convert({str(tiny_checkpoint)!r}, {str(tmp_path / 'q4')!r}, progress=False)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    import signal
+
+    assert p.returncode == 128 + getattr(signal, sig), p.stderr
+    assert f"stopped by {sig}; removed the partial output" in p.stderr
+    assert list(tmp_path.iterdir()) == []  # was: .q4.partial-PID left behind
+
+
+def test_convert_removes_partial_folders_of_dead_processes_and_says_so(tiny_checkpoint, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".q4.partial-{dead_pid}"
+    stale.mkdir()
+    (stale / "model-00001-of-00009.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".q4.partial-{os.getpid()}-x"  # not our name pattern: kept
+    live.mkdir()
+    running = tmp_path / f".q4.partial-{os.getppid()}"  # its process is alive: kept
+    running.mkdir()
+    p = _cli("convert", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "q4"), "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert f"removed {stale}, left behind by an interrupted convert (process {dead_pid} is gone)" in p.stderr
+    assert not stale.exists() and live.exists() and running.exists() and (tmp_path / "q4" / "config.json").exists()
+
+
+def test_temp_out_of_range_names_the_flag(capsys):
+    line = _argparse_error(capsys, ["generate", "--temp", "-1"])
+    assert line == "k2mlx generate: error: argument --temp: must be between 0 and 2, got -1"  # was 'temperature'
+    assert "argument --top-p" in _argparse_error(capsys, ["generate", "--top-p", "0"])
+    assert "argument --max-tokens" in _argparse_error(capsys, ["generate", "--max-tokens", "0"])
+
+
+def test_serve_negative_cache_is_refused(capsys):
+    line = _argparse_error(capsys, ["serve", "--cache-gb", "-1"])
+    assert line == "k2mlx serve: error: argument --cache-gb: must be at least 0, got -1"
+
+
+def test_a_one_token_reply_prints_no_zero_rate(tiny_checkpoint, capsys):
+    assert main(["generate", "--model", str(tiny_checkpoint), "--max-tokens", "1", "--temp", "0", "--raw"]) == 0
+    err = capsys.readouterr().err
+    assert "generation: 1 token\n" in err and "0.0 tokens/s" not in err, err
+
+
+def test_a_bad_moe_path_is_one_line_before_any_work(tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.setenv("K2MLX_MOE_PATH", "bogus")
+    assert main(["generate", "--model", str(tiny_checkpoint), "--max-tokens", "2"]) == 1
+    line = _one_error_line(capsys, "generate")
+    assert "K2MLX_MOE_PATH" in line and "bogus" in line
+    assert capsys.readouterr().out == ""  # no made-up prefill rate
+
+
+@pytest.mark.parametrize("argv", [["--log-level", "debug", "plan"], ["plan", "--log-level", "debug"]])
+def test_log_level_is_global(argv, capsys):
+    import logging
+
+    assert main([*argv, "--model", FIXTURE_CONFIG, "--json"]) == 0
+    assert logging.getLogger("k2mlx").level == logging.DEBUG
+    main(["plan", "--model", FIXTURE_CONFIG, "--json"])
+    assert logging.getLogger("k2mlx").level == logging.WARNING

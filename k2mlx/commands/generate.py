@@ -3,18 +3,26 @@ from __future__ import annotations
 
 import argparse
 
+from k2mlx.commands.flags import number
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint folder (default: the embedded k2-nano model)")
     parser.add_argument("--prompt", default="Hello! Who are you?", help="the user message (or raw text with --raw)")
     parser.add_argument("--system", help="a system message")
-    parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    parser.add_argument("--temp", type=float, default=0.6, help="sampling temperature; 0 is greedy (default 0.6)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    parser.add_argument("--max-tokens", type=number(1, kind=int), default=256,
+                        help="most tokens to generate (default 256)")
+    parser.add_argument("--temp", type=number(0, 2), default=0.6,
+                        help="sampling temperature, 0..2; 0 is greedy (default 0.6)")
+    parser.add_argument("--top-p", type=number(0, 1, above=True), default=1.0,
+                        help="nucleus sampling mass, above 0 up to 1 (default 1.0)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat format")
     parser.add_argument("--hosts", help="run as a pipeline over these hosts: a comma list (rank order) or a "
                         "cluster file; see `k2mlx cluster`")
+    from k2mlx.distributed.cli import add_parallel_argument
+
+    add_parallel_argument(parser)
     parser.add_argument("--show-reasoning", action="store_true", help="print <think> reasoning (dimmed) too")
 
 
@@ -28,10 +36,6 @@ def run(args) -> int:
         from k2mlx.distributed.cli import run_on_cluster
 
         return run_on_cluster(args, "generate")
-    if args.max_tokens < 1:
-        from k2mlx.errors import RequestError
-
-        raise RequestError("--max-tokens must be at least 1", param="max_tokens")
     path = args.model
     if path is None:
         from k2mlx.tiny import default_model_path
@@ -40,11 +44,8 @@ def run(args) -> int:
     from k2mlx import load
     from k2mlx.engine import Engine
 
-    # standalone: this process ends here, so it may keep mx.compile on the model thread and skip
-    # interpreter teardown (see _exit); a caller that preloads the model keeps its process
-    standalone = getattr(args, "preloaded", None) is None
     model, tokenizer = getattr(args, "preloaded", None) or load(path)
-    engine = Engine(model, tokenizer, max_batch=1, cache_bytes=0, exit_safe=not standalone)
+    engine = Engine(model, tokenizer, max_batch=1, cache_bytes=0)
     sampling = SamplingParams(temperature=args.temp, top_p=args.top_p, seed=args.seed)
     if args.raw:
         req = GenerationRequest(prompt=args.prompt, max_tokens=args.max_tokens, sampling=sampling)
@@ -73,31 +74,29 @@ def run(args) -> int:
     except KeyboardInterrupt:
         engine.close()
         print("\ninterrupted", file=err)
-        return _exit(130, standalone)
+        return 130
     engine.close()
     out.write("\n")
     out.flush()
     if done is not None:
         t = done.timings
         print("=" * 10, file=err)
-        print(f"prompt: {t.prompt_tokens} tokens, {t.prefill_tps:.1f} tokens/s (prefill)", file=err)
-        print(f"generation: {t.generated_tokens} tokens, {t.decode_tps:.1f} tokens/s (decode)", file=err)
+        print(f"prompt: {_tokens(t.prompt_tokens)}{_rate(t.prefill_tps, t.prompt_tokens, 'prefill')}", file=err)
+        # the first token comes out of prefill: a decode rate needs at least two
+        print(f"generation: {_tokens(t.generated_tokens)}"
+              f"{_rate(t.decode_tps, t.generated_tokens - 1, 'decode')}", file=err)
         print(f"peak memory: {t.peak_memory_bytes / 1e9:.3f} GB", file=err)
         print(f"finish: {done.finish_reason}", file=err)
         if done.error:
             print(f"error: {done.error}", file=err)
-            return _exit(1, standalone)
-    return _exit(0, standalone)
+            return 1
+    return 0
 
 
-def _exit(code: int, standalone: bool) -> int:
-    """End without interpreter teardown: MLX aborts there when compiled code ran on the model
-    thread (see k2mlx.engine.engine._hold_compile_off). Output is flushed first."""
-    import os
-    import sys
+def _tokens(n: int) -> str:
+    return f"{n} token{'' if n == 1 else 's'}"
 
-    if not standalone:
-        return code
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+
+def _rate(tps: float, n: int, what: str) -> str:
+    """', 12.3 tokens/s (decode)', or nothing when there is nothing to time (never '0.0')."""
+    return f", {tps:.1f} tokens/s ({what})" if n > 0 and tps > 0 else ""

@@ -1,6 +1,8 @@
 """`k2mlx plan`: size a model at some bits and split its layers across hosts by memory."""
 from __future__ import annotations
 
+from k2mlx.commands.flags import bits, group_size, number
+
 # flag prefix -> module class (k2mlx.loading.formats.mlx.CLASSES)
 CLASS_FLAGS = {"expert": "experts", "shared": "shared", "attention": "attention", "dense": "dense",
                "embed": "embed", "head": "head"}
@@ -10,17 +12,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="CONFIG_OR_DIR",
                         help="config.json, a model folder or a Hugging Face repo id in the local cache "
                              "(weights are not read)")
-    parser.add_argument("--hosts", type=int, default=None, help="number of hosts (default: one per --memory)")
+    parser.add_argument("--hosts", type=number(1, kind=int), default=None,
+                        help="number of hosts (default: one per --memory)")
     parser.add_argument("--memory", default="512", metavar="GB[,GB...]",
                         help="RAM per host as Apple sells it (512 = 512 GiB), one value for all hosts "
                              "or one per host in pipeline order")
-    parser.add_argument("--bits", type=int, default=None,
-                        help="quantization bits (16 = bf16; default: the checkpoint's own, else 4)")
-    parser.add_argument("--group-size", type=int, default=None, help="default: the checkpoint's own, else 64")
+    parser.add_argument("--bits", type=bits, default=None,
+                        help="quantization bits: 2-6 or 8, or 16 = bf16 (default: the checkpoint's own, else 4)")
+    parser.add_argument("--group-size", type=group_size, default=None,
+                        help="32, 64 or 128 (default: the checkpoint's own, else 64)")
     for flag, c in CLASS_FLAGS.items():
-        parser.add_argument(f"--{flag}-bits", type=int, default=None, metavar="B",
+        parser.add_argument(f"--{flag}-bits", type=bits, default=None, metavar="B",
                             help=f"bits for {c} modules (default --bits)")
-    parser.add_argument("--context", type=int, default=0, metavar="TOKENS",
+    parser.add_argument("--context", type=number(0, kind=int), default=0, metavar="TOKENS",
                         help="reserve latent KV cache for this many tokens")
     parser.add_argument("--parallel", choices=["pipeline", "tensor"], default="pipeline",
                         help="pipeline: each host a range of layers (default); tensor: each host 1/N of every "
@@ -123,9 +127,15 @@ def _print(p: dict) -> None:
     con.print(t)
     if p["fits"]:
         con.print("[green]fits with headroom.[/]")
-        con.print("On macOS let the GPU wire that much memory (per host, until reboot):")
     else:
-        con.print("[red]does not fit[/]: use fewer bits, more hosts or a shorter context.")
-        con.print("On macOS, raise the GPU limit:")
+        short = [(h, max(0, h["bytes"] - h["usable_bytes"])) for h in p["hosts"] if not h["fits"]]
+        each = "; ".join(f"host {h['host']} needs {_gb(n)} more" for h, n in short)
+        con.print(f"[red]does not fit[/]: {_gb(sum(n for _, n in short))} short in all ({each}); "
+                  "use fewer bits, more hosts or a shorter context.")
+    # the usable column assumes this limit; raising it never makes a plan that is short fit
+    con.print("On macOS let the GPU wire that much memory (per host, until reboot):")
     for h in p["hosts"]:
-        con.print(f"  host {h['host']}: sudo sysctl iogpu.wired_limit_mb={h['wired_limit_mb']}")
+        if h["wired_limit_mb"] > 0:
+            con.print(f"  host {h['host']}: sudo sysctl iogpu.wired_limit_mb={h['wired_limit_mb']}")
+        else:
+            con.print(f"  host {h['host']}: {h['memory_gb']:g} GB is all kept for macOS: nothing can be wired")

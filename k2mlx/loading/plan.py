@@ -129,8 +129,9 @@ def os_reserve_gb(memory_gb: float) -> float:
 
 
 def wired_limit_mb(memory_gb: float) -> int:
-    """Value for `sudo sysctl iogpu.wired_limit_mb=...`: all RAM but the OS reserve."""
-    return int((memory_gb - os_reserve_gb(memory_gb)) * 1024)
+    """Value for `sudo sysctl iogpu.wired_limit_mb=...`: all RAM but the OS reserve (0 when the
+    reserve takes it all, never negative)."""
+    return max(0, int((memory_gb - os_reserve_gb(memory_gb)) * 1024))
 
 
 def usable_bytes(memory_gb: float, headroom: float = 0.05) -> int:
@@ -153,7 +154,7 @@ def _split(costs: list[int], first_extra: int, last_extra: int, capacities: list
 
     def ratio(h, a, b):  # host h holds layers a..b-1
         load = prefix[b] - prefix[a] + (first_extra if h == 0 else 0) + (last_extra if h == hosts - 1 else 0)
-        return load / capacities[h]
+        return load / max(capacities[h], 1)  # finite for a host the OS reserve fills: it still gets one layer
 
     # best[h][b]: minimal worst ratio placing layers 0..b-1 on hosts 0..h
     inf = math.inf
@@ -206,7 +207,8 @@ def make_plan(args, memories_gb, bits: int = 4, group_size: int = 64, context: i
             "host": h, "memory_gb": mem, "layers": [r.start, r.stop - 1], "num_layers": len(r),
             "weight_bytes": weights, "kv_bytes": kv, "bytes": weights + kv, "usable_bytes": usable,
             "wired_limit_mb": wired_limit_mb(mem), "fits": weights + kv <= usable,
-            "headroom_bytes": usable - weights - kv,
+            # never negative: what is left, or what is missing
+            "headroom_bytes": max(0, usable - weights - kv), "short_bytes": max(0, weights + kv - usable),
         })
     return {
         "model_type": args.model_type, "num_layers": args.num_hidden_layers,
@@ -216,4 +218,5 @@ def make_plan(args, memories_gb, bits: int = 4, group_size: int = 64, context: i
         "layer_bytes": s.layer_bytes,
         "kv_bytes_per_token": s.kv_bytes_per_token, "kv_bytes": s.kv_bytes_per_token * context,
         "hosts": hosts, "fits": all(h["fits"] for h in hosts),
+        "short_bytes": sum(h["short_bytes"] for h in hosts),
     }
