@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bearer token for --endpoint (env K2MLX_API_KEY)")
     parser.add_argument("--model-name", metavar="NAME", help="model id to request from the endpoint")
     parser.add_argument("--workspace", metavar="DIR", default=".",
-                        help="folder the agent's file and shell tools are confined to (default: current folder)")
+                        help="folder the agent's file tools are confined to and the only place run_shell's "
+                             "sandbox lets commands write (default: current folder)")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="ID",
                         help="resume the latest session, or the session ID")
     parser.add_argument("--system", metavar="TEXT", help="system prompt")
@@ -33,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default ~/.local/share/k2mlx/sessions.db, env K2MLX_SESSIONS_DB)")
     approve = parser.add_mutually_exclusive_group()
     approve.add_argument("--yes", action="store_true",
-                         help="run tools that write or execute without asking (use with care)")
+                         help="run tools that write or execute without asking (use with care; run_shell "
+                              "without an OS sandbox still asks every time)")
     approve.add_argument("--ask-all", action="store_true",
                          help="ask before every tool call, read-only ones (read_file, list_dir, ...) too")
 
