@@ -314,3 +314,67 @@ def engine_session(pipe, tokenizer, *, out: str, **_) -> int:
     with open(out, "w") as f:
         json.dump({"texts": texts, "cached_tokens": done.usage.cached_tokens}, f)
     return 0
+
+
+def memory_report(pipe, tokenizer, *, out: str, health=None, **_) -> int:
+    """Every rank's peak RSS right after load, before any forward (the workers' answer to a
+    stats request proves they are past their load; their next heartbeats carry their memory)."""
+    from .health import memory_info
+
+    pipe.stats()
+    time.sleep(2.5 * health.spec.interval_s)
+    ranks = [memory_info()] + [health.status.get(r, {}).get("mem", {}) for r in range(1, health.spec.size)]
+    with open(out, "w") as f:
+        json.dump({"peak_rss": [m.get("peak_rss") for m in ranks]}, f)
+    return 0
+
+
+def prefill_logprobs(pipe, tokenizer, *, out: str, chunk: int, prompts: list[list[int]], shared: list[int],
+                     **_) -> int:
+    """Pipelined prefill through the engine (k2mlx/engine/prefill.py), with every case issue 14
+    asks for, each request's top-5 logprobs of its first 4 greedy tokens saved (the first ones
+    depend on the whole prefill): prompts of 1, 2 and 7 chunks alone; a prefix-cache hit in the
+    middle of a prompt (`shared` + a tail, after `shared` + another tail); a long prompt joining
+    while another sequence decodes; a request cancelled mid-prefill, then one more request."""
+    from k2mlx.engine.engine import Engine
+    from k2mlx.engine.events import Done, PrefillProgress, TextDelta
+    from k2mlx.engine.request import GenerationRequest, SamplingParams
+
+    ban = {t: -100.0 for t in tokenizer.eos_token_ids}
+
+    def req(p, n=4, progress=False):
+        return GenerationRequest(prompt_tokens=p, max_tokens=n, parse=False, logprobs=True, top_logprobs=5,
+                                 progress=progress, sampling=SamplingParams(temperature=0.0, logit_bias=ban))
+
+    def lps(stream):
+        evs = list(stream)
+        if not isinstance(evs[-1], Done) or evs[-1].error is not None:
+            raise RuntimeError(f"request failed: {evs[-1]}")
+        rows = [lp for e in evs if isinstance(e, TextDelta) and e.logprobs for lp in e.logprobs]
+        return [[lp, [v for _, v in tops]] for _, lp, tops in rows], evs[-1].usage.cached_tokens
+
+    res: dict = {}
+    eng = Engine(pipe, tokenizer, max_batch=8, cache_bytes=1 << 28, prefill_step_size=chunk, overlap=False)
+    try:
+        for i, p in enumerate(prompts):
+            res[f"alone{i}"] = lps(eng.generate(req(p)))[0]
+        lps(eng.generate(req(shared + [5, 6, 7, 8] * 3)))
+        res["hit"], res["hit_cached"] = lps(eng.generate(req(shared + [9, 10, 11] * 5)))
+        runner = eng.generate(req([3, 1, 4, 1, 5], n=40))
+        first = next(iter(runner))  # decoding when the long prompt joins
+        joiner = eng.generate(req(prompts[-1][::-1]))
+        res["joined"] = lps(joiner)[0]
+        res["runner"] = lps(runner)[0]
+        del first
+        victim = eng.generate(req(prompts[-1][1:], progress=True))
+        ev = next(iter(victim))
+        assert isinstance(ev, PrefillProgress) and ev.done < ev.total, ev
+        victim.close()  # mid-prefill
+        res["after_cancel"] = lps(eng.generate(req(prompts[1])))[0]
+    finally:
+        eng.close()
+    res["max_inflight"] = max((st.get("max_inflight", 0) for st in (pipe.stats() if hasattr(pipe, "stats") else [])),
+                              default=0)
+    with open(out, "w") as f:
+        json.dump(res, f)
+    return 0

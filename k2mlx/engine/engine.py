@@ -15,16 +15,18 @@ computes at once (see `overlap.py`)."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
-from k2mlx.engine.detok import StopStrings
 from k2mlx import mlxlm_adapter as adapter
+from k2mlx.engine.detok import StopStrings
 from k2mlx.events import Done, PrefillProgress, TextDelta, Timings, ToolCallEnd, Usage
 from k2mlx.engine.prefix_cache import PrefixCache
 from k2mlx.engine.prompting import build_prompt, make_parser
@@ -118,19 +120,24 @@ def final_finish_reason(reason: str, tool_calls: int) -> str:
 
 _compile_lock = threading.Lock()
 _compile_holders = 0
+_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    """Engines still open at exit are closed before the interpreter finalizes (atexit runs
+    first), so their threads never end during finalization (see threads.py)."""
+    for eng in list(_LIVE):
+        eng.close()
 
 
 def _hold_compile_off(on: bool) -> None:
-    """mlx 0.32's CPU backend aborts the process at exit ("terminate called without an active
-    exception") when an `mx.compile`d function ever ran on a thread other than the main one. The
-    model thread runs compiled code (model, mlx-lm's samplers), so off Metal compilation is
-    switched off while any engine lives (same math, only kernel fusion is lost). Programs that
-    end with `os._exit` (the CLI commands) pass `exit_safe=False` and keep compilation."""
+    """Compilation off while an engine lives, only where its threads' exit cannot be waited for
+    (off Metal, without /proc; see threads.py): there a process that ran compiled code on the
+    model thread could abort at exit. Everywhere else `close()` waits for the threads instead."""
     global _compile_holders
     import mlx.core as mx
 
-    if mx.metal.is_available():
-        return
     with _compile_lock:
         _compile_holders += 1 if on else -1
         if on and _compile_holders == 1:
@@ -139,10 +146,22 @@ def _hold_compile_off(on: bool) -> None:
             mx.enable_compile()
 
 
+def _max_buffer() -> int | None:
+    """The largest single buffer the GPU takes (Metal), or None."""
+    try:
+        import mlx.core as mx
+
+        if mx.metal.is_available():
+            return int(mx.metal.device_info().get("max_buffer_length", 0)) or None
+    except (AttributeError, RuntimeError):
+        log.debug("no device buffer limit", exc_info=True)
+    return None
+
+
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 8, context_length: int | None = None,
-                 cache_bytes: int = 2 << 30, prefill_step_size: int = 512,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS, model_name: str = "k2", exit_safe: bool = True,
+                 cache_bytes: int = 2 << 30, prefill_step_size: int | None = None,
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, model_name: str = "k2", exit_safe: bool | None = None,
                  overlap: bool | None = None, prompt_cache=None):
         adapter.require()  # a renamed mlx-lm internal fails here, once, not in every request
         self.model, self.tokenizer = model, tokenizer
@@ -151,13 +170,22 @@ class Engine:
         if overlap and not can:
             raise ValueError("overlap needs a model with submit()/result() and max_batch > 1")
         self.n_groups = max(2, int(getattr(model, "stages", 2))) if (can if overlap is None else overlap) else 1
-        self._exit_safe = exit_safe
+        # exit_safe: accepted from older callers; every engine is safe to exit after close()
+        from k2mlx.engine.threads import compile_must_stay_off
+
+        self._compile_off = compile_must_stay_off()
         self.model_name = model_name
         self.max_batch = max(1, int(max_batch))
         args = getattr(model, "args", None)
         self.context_length = int(context_length or getattr(args, "max_position_embeddings", 0) or 4096)
         self.default_max_tokens = default_max_tokens
-        self.prefill_step_size = prefill_step_size
+        if prefill_step_size is None:  # from the model, its pipeline depth and the device's buffer limit
+            from k2mlx.engine.prefill import default_chunk
+
+            prefill_step_size = default_chunk(args, int(getattr(model, "stages", 1)), _max_buffer(), self.context_length)
+        if prefill_step_size < 1:
+            raise ValueError("prefill_step_size must be >= 1")
+        self.prefill_step_size = int(prefill_step_size)
         self.vocab_size = getattr(tokenizer, "vocab_size", None)
         # prompt_cache: a DiskPrefixCache (disk_cache.py) behind the in-memory one, or None
         self.prefix_cache = PrefixCache(cache_bytes, disk=prompt_cache)
@@ -166,10 +194,11 @@ class Engine:
         self._ids = itertools.count(1)
         self._ctl: queue.Queue = queue.Queue()
         self._stop = False
-        if exit_safe:
+        if self._compile_off:
             _hold_compile_off(True)
         self._thread = threading.Thread(target=self._run, name="k2mlx-model", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     # ---------------------------------------------------------------- caller side (any thread)
     def prepare(self, request: GenerationRequest) -> Prepared:
@@ -220,8 +249,14 @@ class Engine:
             return
         self._stop = True
         self._ctl.put(("stop", None))
-        self._thread.join(timeout=30)
-        if self._exit_safe:
+        from k2mlx.engine.threads import join_fully
+
+        # the model thread ran compiled code: wait until its thread-local destructors are done,
+        # so the interpreter may end right after this (see threads.py)
+        if not join_fully(self._thread, timeout=30):
+            log.warning("the model thread did not end within 30 s")
+        _LIVE.discard(self)
+        if self._compile_off:
             _hold_compile_off(False)
 
     def _enqueue(self, rid, prep, sink) -> None:
@@ -238,6 +273,10 @@ class Engine:
 
     def _new_groups(self) -> list[_Group]:
         if self.n_groups == 1:
+            if hasattr(self.model, "submit"):  # a pipeline: prompt chunks flow through its stages
+                from k2mlx.engine.prefill import PrefillAhead
+
+                return [_Group(self._new_batch_generator(PrefillAhead(self.model)))]
             return [_Group(self._new_batch_generator())]
         from k2mlx.engine.overlap import GroupModel, GroupRunner
 
@@ -398,7 +437,8 @@ class Engine:
             spent = now - slot.t_admit
             eta = (total - done) * spent / done if done > 0 and spent > 0 else None
             slot.prefill = (slot.cached + done, slot.cached + total)
-            slot.sink(PrefillProgress(slot.cached + done, slot.cached + total, eta))
+            if slot.prep.request.progress:
+                slot.sink(PrefillProgress(slot.cached + done, slot.cached + total, eta))
 
     def prefill_status(self) -> list[dict]:
         """Requests reading their prompts: tokens done / total and an ETA (for /v1/cluster)."""

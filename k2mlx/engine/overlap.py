@@ -38,7 +38,11 @@ class GroupModel:
     """The model a group's BatchGenerator sees: submit, pause until resumed, then the logits."""
 
     def __init__(self, pipe, runner: "GroupRunner"):
+        from k2mlx.engine.prefill import Ahead, vocab_of
+
         self._pipe, self._runner = pipe, runner
+        # prompt chunks do not wait for their (discarded) logits: see prefill.py
+        self.ahead = Ahead(int(getattr(pipe, "stages", 2)), vocab_of(pipe))
 
     def __getattr__(self, name):  # args, layers, make_cache ... come from the pipeline
         return getattr(self._pipe, name)
@@ -57,7 +61,7 @@ class GroupModel:
                 except Exception:  # the group is being abandoned; its owner reports the failure
                     log.debug("abandoned group's step failed", exc_info=True)
             raise
-        return pending.result()
+        return self.ahead.settle(pending, tokens)
 
 
 class GroupRunner:
@@ -109,7 +113,9 @@ class GroupRunner:
         pipeline's results stay in order); a broken pipeline (a cluster error) is not drained."""
         self._quit, self._drain = True, drain
         self._go.release()
-        self._thread.join(timeout=15)
+        from k2mlx.engine.threads import join_fully
+
+        join_fully(self._thread, timeout=15)  # it ran compiled code: see threads.py
         self.paused = False
         self.bg = None
 
