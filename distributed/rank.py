@@ -89,6 +89,24 @@ def load_stage(spec, rank: int):
     return load(path, layers=range(a, b))
 
 
+def load_tensor_shard(spec, rank: int, group):
+    """Tensor parallelism: read only this rank's slices; a format not read in slices is loaded
+    whole and then cut (peaking at the full size; see slices.py)."""
+    from .slices import load_shard
+    from .tensor import shard_model
+
+    path = spec.model_paths[rank] if spec.model_paths else spec.model
+    loaded = load_shard(path, rank, spec.size, group)
+    if loaded is not None:
+        from .health import memory_info
+
+        log.info("rank %d: loaded its slices, peak RSS %.0f MB", rank, memory_info()["peak_rss"] / 1e6)
+        return loaded
+    model, tokenizer = load_stage(spec, rank)
+    shard_model(model, rank, spec.size, group)
+    return model, tokenizer
+
+
 def resolve(role: str):
     mod, _, fn = role.partition(":")
     return getattr(importlib.import_module(mod), fn)
@@ -119,30 +137,30 @@ def main() -> int:
         group = init_group(spec, rank)
         link = Link(group, spec, health)
         link.open_bells()
-        model, tokenizer = load_stage(spec, rank)
         if spec.parallel == "tensor":
             from . import tensor
 
-            tensor.shard_model(model, rank, spec.size, group)
+            model, tokenizer = load_tensor_shard(spec, rank, group)
             if rank != 0:
                 tensor.worker_loop(model, link)
                 return 0
             pipe = tensor.TensorModel(model, link)
-        elif rank == 0:
+        else:
+            model, tokenizer = load_stage(spec, rank)
+            if rank != 0:
+                worker_loop(model, link)
+                return 0
             pipe = PipelineModel(model, link, model.args.num_hidden_layers)
-        if rank == 0:
-            try:
-                rc = resolve(spec.role)(pipe, tokenizer, spec=spec, health=health, **spec.role_args)
-            finally:
-                if health.error is None:
-                    # From here the workers exit on purpose: their closing heartbeat sockets
-                    # are the orderly end, not a lost rank (else a race reported one).
-                    health.stopping = True
-                    pipe.close()
-            health.stop()
-            return int(rc or 0)
-        worker_loop(model, link)
-        return 0
+        try:
+            rc = resolve(spec.role)(pipe, tokenizer, spec=spec, health=health, **spec.role_args)
+        finally:
+            if health.error is None:
+                # From here the workers exit on purpose: their closing heartbeat sockets are
+                # the orderly end, not a lost rank (else a race reported one).
+                health.stopping = True
+                pipe.close()
+        health.stop()
+        return int(rc or 0)
     except K2Error as e:
         health.report_error(str(e))
         log.debug("rank %d stopped", rank, exc_info=True)

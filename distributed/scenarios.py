@@ -378,3 +378,62 @@ def prefill_logprobs(pipe, tokenizer, *, out: str, chunk: int, prompts: list[lis
     with open(out, "w") as f:
         json.dump(res, f)
     return 0
+
+
+class _OneAtATime:
+    """A pipeline without its two-phase API: the engine then waits for every prompt chunk's
+    logits before sending the next (how prefill ran before it was pipelined; the benchmark's
+    baseline)."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def __getattr__(self, name):
+        if name == "submit":
+            raise AttributeError(name)
+        return getattr(self._pipe, name)
+
+    def __call__(self, tokens, cache=None):
+        return self._pipe(tokens, cache)
+
+    def make_cache(self):
+        return self._pipe.make_cache()
+
+
+def prefill_bench(pipe, tokenizer, *, lengths: list[int], chunk: int | None, out: str, blocking: bool = False,
+                  repeats: int = 2, **_) -> int:
+    """Time to first token through the engine (one request, 1 token out, no prefix cache) for
+    prompts of each length: the best of `repeats` after a warm-up. `blocking`: prompt chunks wait
+    for their logits (`_OneAtATime`). Saves prefill tok/s, wall and CPU seconds, and the ranks'
+    step records of the last run for the two-host projection."""
+    from k2mlx.engine.engine import Engine
+    from k2mlx.engine.events import Done
+    from k2mlx.engine.request import GenerationRequest, SamplingParams
+
+    model = _OneAtATime(pipe) if blocking and hasattr(pipe, "submit") else pipe
+    eng = Engine(model, tokenizer, max_batch=1, cache_bytes=0, prefill_step_size=chunk)
+    res = {"chunk": eng.prefill_step_size, "runs": {}}
+    try:
+        for n in lengths:
+            best = None
+            for r in range(repeats + 1):
+                first_step = getattr(pipe, "_step", 0)
+                toks = [(7 * i + 3 + r) % 300 + 5 for i in range(n)]
+                c0 = time.process_time()
+                done = [e for e in eng.generate(GenerationRequest(prompt_tokens=toks, max_tokens=1, parse=False,
+                                                                  sampling=SamplingParams(temperature=0.0)))
+                        if isinstance(e, Done)][-1]
+                cpu = time.process_time() - c0
+                assert done.error is None, done.error
+                row = {"prefill_s": done.timings.prefill_s, "tok_s": n / done.timings.prefill_s, "cpu_s": cpu}
+                if r and (best is None or row["prefill_s"] < best["prefill_s"]):
+                    stats = pipe.stats() if hasattr(pipe, "stats") else []
+                    for st in stats:
+                        st["steps"] = [x for x in st["steps"] if x[0] > first_step]
+                    best = {**row, "timeline": stats}
+            res["runs"][str(n)] = best
+    finally:
+        eng.close()
+    with open(out, "w") as f:
+        json.dump(res, f)
+    return 0

@@ -134,15 +134,15 @@ def _shard_attention(attn, rank: int, size: int) -> None:
     attn.num_heads = h1 - h0
 
 
-def shard_model(model, rank: int, size: int, group, materialize: bool = True) -> None:
+def shard_model(model, rank: int, size: int, group, materialize: bool = True, wrap: bool = True) -> None:
     """Keep this rank's 1/N of every owned layer (in place) and add the two all_sums per layer.
     Decided once at load; the forward pass itself is the unchanged model code.
-    `materialize=False` leaves lazy arrays lazy (`k2mlx plan` sizes a rank without weights)."""
+    `materialize=False` leaves lazy arrays lazy (`k2mlx plan` sizes a rank without weights);
+    `wrap=False` slices only (the slice loader fills the weights first, then `add_all_sums`)."""
     if size == 1:
         return
     for layer in model.layers:
         _shard_attention(layer.self_attn, rank, size)
-        layer.self_attn.o_proj = AllSum(layer.self_attn.o_proj, group)
         mlp = layer.mlp
         if "switch_mlp" in mlp:
             _shard_mlp(mlp.switch_mlp, rank, size)
@@ -150,9 +150,17 @@ def shard_model(model, rank: int, size: int, group, materialize: bool = True) ->
                 _shard_mlp(mlp.shared_experts, rank, size)
         else:
             _shard_mlp(mlp, rank, size)
-        layer.mlp = AllSum(mlp, group)
+    if wrap:
+        add_all_sums(model, group)
     if materialize:
         mx.eval(model.parameters())
+
+
+def add_all_sums(model, group) -> None:
+    """The two reductions per layer: after attention's o_proj and after the MLP."""
+    for layer in model.layers:
+        layer.self_attn.o_proj = AllSum(layer.self_attn.o_proj, group)
+        layer.mlp = AllSum(layer.mlp, group)
 
 
 # ---- rank 0: the model the engine drives --------------------------------------------------------

@@ -199,3 +199,23 @@ def test_plan_shows_per_rank_memory_under_tensor():
     assert total / 2 + replicated / 2 < per[0] < total / 2 * 1.01 + replicated
     # the latent cache is replicated: every rank reserves the whole context
     assert tp["hosts"][0]["kv_bytes"] == pp["kv_bytes"] == sum(h["kv_bytes"] for h in pp["hosts"])
+
+
+def test_each_rank_reads_only_its_slices(tmp_path):
+    """A ~420 MB float32 checkpoint: a rank's peak RSS right after load (slices read straight
+    from the safetensors files) is under 0.7x the one-process peak RSS after load."""
+    from k2mlx.tiny import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "wide", preset="small", dtype="float32", seed=0, num_hidden_layers=6,
+                                hidden_size=768, moe_intermediate_size=512, intermediate_size=1536,
+                                n_routed_experts=16, num_experts_per_tok=4)
+    single = subprocess.run([sys.executable, "-c", "import sys; from k2mlx import load; "
+                             "from k2mlx.distributed.health import memory_info; load(sys.argv[1]); "
+                             "print(memory_info()['peak_rss'])", str(ckpt)],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    one = int(single.stdout.split()[-1])
+    launch_tp(ckpt, "memory_report", {"out": str(tmp_path / "mem.json")})
+    ranks = json.loads((tmp_path / "mem.json").read_text())["peak_rss"]
+    assert len(ranks) == 2 and all(ranks)
+    assert max(ranks) < 0.7 * one, f"ranks {[r / 1e6 for r in ranks]} MB vs one process {one / 1e6:.0f} MB"
