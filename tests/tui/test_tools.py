@@ -102,7 +102,7 @@ def test_write_edit_shell_inside(setup):
     ws, _, reg = setup
     w = run(reg, "write_file", path="out/new.txt", content="one\ntwo\n")
     assert w.status == "ok" and (ws / "out" / "new.txt").read_text() == "one\ntwo\n"
-    assert "+one" in w.diff and "+two" in w.diff
+    assert "+one" in w.diff and "+two" in w.diff and "+++ b/out/new.txt" in w.diff
     e = run(reg, "edit_file", path="src/main.py", old_string="return 41", new_string="return 42")
     assert e.status == "ok" and (ws / "src" / "main.py").read_text() == "def main():\n    return 42\n"
     assert "-    return 41" in e.diff and "+    return 42" in e.diff

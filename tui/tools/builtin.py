@@ -1,6 +1,7 @@
 """The built-in agent tools. Each is a `Tool`: an OpenAI function declaration plus an async
-`run(args) -> ToolResult`. File tools go through `Workspace.resolve` at call time; tools that
-write or run have `needs_approval=True` and the app asks the user before calling them."""
+`run(args) -> ToolResult`. File tools open paths through `Workspace.open`/`Workspace.write`
+(safefs: descriptors, no symlink following); run_shell runs in the OS sandbox (sandbox.py).
+Tools that write or run have `needs_approval=True` and the app asks the user before calling them."""
 from __future__ import annotations
 
 import asyncio

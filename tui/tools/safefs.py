@@ -110,6 +110,10 @@ class Walk:
             return parts + rest
         return target.split("/") + rest
 
+    def _missing(self, name: str, todo: list[str]) -> str:
+        """The whole path that does not exist (a new file's name in a new folder, for its diff)."""
+        return "/".join(self.parts + [name] + [p for p in todo if p not in ("", ".")])
+
     def _pop_all(self) -> None:
         while self.fds:
             os.close(self.fds.pop())
@@ -167,7 +171,7 @@ class Walk:
                     todo.insert(0, name)
                     continue
                 if e.errno == errno.ENOENT:
-                    raise NotFound("/".join(self.parts + [name]), "file or folder") from None
+                    raise NotFound(self._missing(name, todo), "file or folder") from None
                 if e.errno == errno.ENOTDIR:
                     raise NotFound("/".join(self.parts + [name]), "folder", present=True) from None
                 raise
