@@ -46,7 +46,7 @@ SEATBELT_PROFILE = """(version 1)
     (literal "/dev/null") (literal "/dev/zero") (literal "/dev/tty") (literal "/dev/dtracehelper")
     (regex #"^/dev/fd/[0-9]+$") (regex #"^/dev/ttys[0-9]+$"))
 """
-SEATBELT_NO_NETWORK = "(deny network*)\n(allow network* (remote unix-socket))\n"
+SEATBELT_NO_NETWORK = "(deny network*)\n"  # all sockets, DNS (mDNSResponder) included
 
 
 @dataclass(frozen=True)
