@@ -311,3 +311,29 @@ def test_log_level_is_global(argv, capsys):
     assert logging.getLogger("k2mlx").level == logging.DEBUG
     main(["plan", "--model", FIXTURE_CONFIG, "--json"])
     assert logging.getLogger("k2mlx").level == logging.WARNING
+
+
+def test_readme_says_which_commands_default_to_the_embedded_model():
+    """README claimed every command with --model defaults to k2-nano; plan and convert require it."""
+    from pathlib import Path
+
+    from k2mlx.cli import build_parser
+
+    text = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    m = re.search(r"With no `--model`, (.+?) use `k2mlx/assets/k2-nano/` \(.*?; (.+?) always need a `--model`\)",
+                  text)
+    assert m, "the README sentence about --model defaults changed"
+    optional = re.findall(r"`([a-z ]+)`", m.group(1))
+    required = re.findall(r"`([a-z ]+)`", m.group(2))
+    sub = build_parser()._subparsers._group_actions[0].choices
+
+    def model_flag(name):
+        parser = sub[name.split()[0]]
+        if " " in name:
+            parser = parser._subparsers._group_actions[0].choices[name.split()[1]]
+        return parser._option_string_actions["--model"]
+
+    have_model = [n for n, p in sub.items() if "--model" in p._option_string_actions]
+    assert all(not model_flag(n).required for n in optional)
+    assert all(model_flag(n).required for n in required)
+    assert set(have_model) <= {n.split()[0] for n in optional + required}
