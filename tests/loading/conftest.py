@@ -17,12 +17,17 @@ from k2mlx.loading.formats.writer import write_safetensors
 _REF_PATH = Path(__file__).resolve().parents[1] / "model" / "reference.py"
 
 
-def _reference_module():
-    """tests/model/reference.py (the model helper's transformers reference builders)."""
-    spec = importlib.util.spec_from_file_location("k2mlx_test_reference", _REF_PATH)
+def import_file(path: Path, name: str):
+    """A Python file outside the test packages (a script, another suite's helper) as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _reference_module():
+    """tests/model/reference.py (the model helper's transformers reference builders)."""
+    return import_file(_REF_PATH, "k2mlx_test_reference")
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,13 @@ checkpoint layout, not that difference.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from .conftest import import_file
 
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
@@ -33,10 +34,7 @@ TOL = {"float32": 1e-5, "q4": 1e-4}
 
 
 def writer():
-    spec = importlib.util.spec_from_file_location("mlx_lm_checkpoint", _SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return import_file(_SCRIPT, "mlx_lm_checkpoint")
 
 
 @pytest.fixture(scope="module")

@@ -178,3 +178,17 @@ def test_convert_and_check_take_a_repo_id(hub, four_shards, tmp_path):
                   env={"HF_HUB_CACHE": str(hub)})
     assert r.returncode == 1 and r.stderr.strip().endswith("k2mlx download org/absent")
     assert not (tmp_path / "x").exists()
+
+
+def test_download_verifies_the_stage_it_fetched(hub, four_shards):
+    """Offline, `k2mlx download` serves from the cache and checks, with the same resolution as
+    --model, that every shard of the requested stage is there."""
+    snap = hub_layout(hub, "org/tiny-k2", four_shards,
+                      skip=("model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors"))
+    env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    r = k2mlx_cli("download", "org/tiny-k2", "--layers", "0:2", "--quiet", env=env)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()) == snap
+    r = k2mlx_cli("download", "org/tiny-k2", "--quiet", env=env)
+    assert r.returncode == 1 and "2 shard file(s) are still missing" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
