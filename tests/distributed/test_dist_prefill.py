@@ -40,3 +40,20 @@ def test_pipelined_prefill_matches_one_process(tiny_checkpoint, tiny_tokenizer, 
         for (lp_a, top_a), (lp_b, top_b) in zip(a, b):
             assert abs(lp_a - lp_b) <= 1e-5, k
             assert np.max(np.abs(np.array(top_a) - np.array(top_b))) <= 1e-5, k
+
+
+def test_generate_hosts_long_prompt_same_text(tiny_checkpoint, tmp_path):
+    """`k2mlx generate --hosts` on a prompt of many chunks prints what one process prints."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "K2MLX_STATE_DIR": str(tmp_path)}
+    text = " ".join(f"river {i} flows past the old mill and into the sea." for i in range(60))  # ~700 tokens
+    common = [sys.executable, "-m", "k2mlx.cli", "generate", "--model", str(tiny_checkpoint), "--prompt", text,
+              "--temp", "0", "--max-tokens", "16"]
+    one = subprocess.run(common, capture_output=True, text=True, timeout=300, env=env)
+    two = subprocess.run(common + ["--hosts", "127.0.0.1,127.0.0.1"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    assert one.stdout.strip() and two.stdout == one.stdout
