@@ -13,10 +13,8 @@ def run(args) -> int:
     import sys
 
     from k2mlx.loading.check import check
-    from k2mlx.loading.download import parse_layers
 
-    layers = parse_layers(args.layers) if args.layers else None
-    report = check(args.model, layers)
+    report = check(args.model, args.layers)  # "a:b", or "a:" up to the model's last layer
     for line in report.faults:
         print(line)
     if not report.ok:

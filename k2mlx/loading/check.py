@@ -73,9 +73,16 @@ def _folder(spec, layers, faults: _Faults) -> Path | None:
     return resolve_model(spec)
 
 
-def check(spec, layers: range | None = None) -> Report:
-    """Check the checkpoint `spec` (folder or cached repo id), or only what `layers` needs."""
+def check(spec, layers: range | str | None = None) -> Report:
+    """Check the checkpoint `spec` (folder or cached repo id), or only what `layers` needs
+    (a range, or "a:b" / "a:" as on the command line)."""
     import mlx.core as mx
+
+    from k2mlx.loading.download import parse_layers
+
+    spec_layers = layers if isinstance(layers, str) else None
+    if spec_layers is not None:
+        layers = parse_layers(spec_layers) if not spec_layers.rstrip().endswith(":") else None
 
     from k2mlx.config import ModelArgs, load_config_file
     from k2mlx.loading.checkpoint import INDEX_FILE, is_needed, mla_weights_of
@@ -100,6 +107,8 @@ def check(spec, layers: range | None = None) -> Report:
         faults.close()
         return report
     n = args.num_hidden_layers
+    if spec_layers is not None:
+        layers = parse_layers(spec_layers, n)
     if layers is not None and not (0 <= layers.start < layers.stop <= n):
         raise K2Error(f"--layers {layers.start}:{layers.stop} is outside the model's {n} layers")
     stage = layers or range(n)

@@ -208,3 +208,15 @@ def test_load_names_a_quantization_config_that_does_not_fit(copy):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="quantization in config.json does not fit"):
         load_model(d)
+
+
+def test_layer_specs(clean):
+    assert check(clean, "2:").ok and check(clean, "0:1").ok
+    rc, lines = run("--model", str(clean), "--layers", "3:")
+    assert rc == 0 and any(x.strip().startswith("layers 3:4") for x in lines)
+    with pytest.raises(Exception, match="valid layer range"):
+        check(clean, "2:9")
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out):
+        assert main(["check", "--model", str(clean), "--layers", "x"]) == 1
+    assert "START:STOP" in out.getvalue()

@@ -207,3 +207,13 @@ def test_mixed_mla_layouts_are_refused(written, tmp_path):
     with pytest.raises(CheckpointError, match="mixes two MLA layouts"):
         mla_weights_of(["model.layers.0.self_attn.embed_q.weight", "model.layers.1.self_attn.kv_b_proj.weight"],
                        args)
+
+
+@pytest.mark.parametrize("form", ["kimi_k2", "kimi_k25"])
+def test_check_passes_on_mlx_lm_checkpoints(written, form):
+    """Per-module overrides, embed_q/unembed_out and the dropped vision tower are all as the
+    config says; only the tokenizer (mlx-lm's writer here copies none) is reported."""
+    from k2mlx.loading.check import check
+
+    r = check(written[(form, "q4")])
+    assert [x.split(":")[0] for x in r.faults] == ["missing tokenizer", "missing chat template"], r.faults
