@@ -192,9 +192,19 @@ async def test_approval_card_says_whether_run_shell_is_sandboxed(offline_app, wo
         assert app.policy.always == set()
         box = detect()
         if box.active:  # the sandboxed card names its sandbox and offers the network once
+            from test_sandbox import _Listener
+
             app.registry = ToolRegistry(builtin_tools(app.workspace, sandbox=box))
-            card = await awaiting_card(pilot, app, tiny_tokenizer, ("run_shell", shell))
-            assert box.kind in str(card.query_one(".tool-sandbox").render())
-            assert card.query("#always") and card.query("#network")
-            await pilot.press("n")
-            await wait_for(pilot, lambda: not app.generating, what="the turn to end")
+            server = _Listener()
+            connect = json.dumps({"command": "python3 -c \"import socket; socket.create_connection("
+                                             f"('127.0.0.1', {server.port}), 3)\""})
+            try:
+                for key, hits, status in (("y", 0, "error"), ("w", 1, "ok")):  # w: once, network on
+                    card = await awaiting_card(pilot, app, tiny_tokenizer, ("run_shell", connect))
+                    assert box.kind in str(card.query_one(".tool-sandbox").render())
+                    assert card.query("#always") and card.query("#network")
+                    await pilot.press(key)
+                    await wait_for(pilot, lambda: not app.generating, what="the turn to end")
+                    assert card.status == status and server.hits == hits, (key, card.result)
+            finally:
+                server.sock.close()
