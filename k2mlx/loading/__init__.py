@@ -1,9 +1,11 @@
 """Loading a K2 checkpoint folder into a `Model` (or one pipeline stage of it).
 
 `load(path, layers, dtype) -> (model, tokenizer)`; `load_model` (model only); `load_config`
-(config.json as a dict). Order (mlx-lm's convention): read config -> build the model -> apply
-`quantization` from the config with per-module overrides -> read the needed tensors ->
-`sanitize` -> shape check -> `load_weights(strict=True)`.
+(config.json as a dict). `path` goes through `resolve.resolve_model` (a folder, a Hugging Face
+repo id in the local cache, or None for the embedded k2-nano). Order (mlx-lm's convention):
+read config -> build the model in the checkpoint's MLA layout (kv_b_proj, or mlx-lm's
+embed_q/unembed_out) -> read the needed tensors -> `sanitize` -> apply `quantization` from the
+config with per-module overrides -> shape check -> `load_weights(strict=True)`.
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ Pure: returns a new dict and never mutates its input. Steps, in order:
    (real K2 layout) -> `mlp.switch_mlp.{gate,up,down}_proj.*` of shape [E, ...];
 4. `split_fused_experts`: transformers-5 `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows
    first) and `mlp.experts.down_proj` [E, H, I] -> the same stacked names.
-kv_b_proj stays as it is: the absorbed attention reads views of it (see model/mla.py).
+kv_b_proj stays as it is (the absorbed attention reads its per-head halves), and so do
+mlx-lm's already split `self_attn.embed_q` / `unembed_out` (see model/mla.py).
 """
 from __future__ import annotations
 
