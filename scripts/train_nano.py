@@ -42,7 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--class-bits", default=None,
                    help='JSON bits per module class, e.g. \'{"attention": 8}\' (experts, shared, attention, dense, embed, head)')
     p.add_argument("--init-from", default=None,
-                   help="continue from this float k2-nano checkpoint (its weights and tokenizer) instead of from scratch")
+                   help="continue from this k2-nano checkpoint (its weights and tokenizer) instead of from scratch: "
+                        "a float one, or a quantized one such as the shipped k2mlx/assets/k2-nano, dequantized "
+                        "to float32 first (copy it elsewhere: --out is rewritten)")
     p.add_argument("--mix", default=None, metavar="KIND=W,...",
                    help="override conversation kind weights, e.g. refusal=30 (defaults: k2mlx.nano.data.Generator.KINDS)")
     p.add_argument("--requantize", action="store_true",
@@ -81,8 +83,8 @@ def main(argv=None) -> int:
         if args.init_from:  # keep the earlier stage's record (its copy in the float folder)
             src = Path(args.init_from)
             prior = json.loads((src / "TRAINING.json").read_text()) if (src / "TRAINING.json").is_file() else None
-            if src.resolve() == float_dir.resolve():
-                raise SystemExit("--init-from must not be WORK/float (it is rewritten); copy it elsewhere first")
+            if src.resolve() in (float_dir.resolve(), out.resolve()):
+                raise SystemExit("--init-from must not be WORK/float or --out (they are rewritten); copy it elsewhere first")
         result = train(cfg, work / "tokenizer", template=instruct_template(), progress=tty, log=log,
                        init_from=args.init_from)
         print(f"trained {cfg.steps} steps in {result.seconds:.0f} s; final loss "

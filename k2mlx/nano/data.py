@@ -5,9 +5,11 @@ objects feed training (rendered by `k2mlx.chat.template`) and the held-out evalu
 `k2mlx serve` with the official openai client. All randomness comes from one `random.Random(seed)`,
 so a seed fixes the data exactly.
 
-Kinds: greetings and short answers; arithmetic answered with the `calculator` tool; questions about
+Kinds: greetings, short answers and first-use questions ("who are you", "what can you do", in
+several wordings); arithmetic answered with the `calculator` tool; questions about
 files answered with `list_dir` / `read_file`; weather with `get_weather`; and a refusal whenever no
-declared tool fits; "repeat after me" copy exercises; and, in 6% of conversations, exactly the TUI's
+declared tool fits; "repeat after me" copy exercises; multi-turn chats where a tool turn is followed by a greeting,
+a file question or a new sum; and, in 6% of conversations, exactly the TUI's
 tool list and system prompt. Tool declarations vary in number and order (and the needed tool is sometimes
 missing), so the model has to read them rather than memorise one layout.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import operator
 import random
+import re
 from dataclasses import dataclass, field
 
 from k2mlx.calculator import safe_eval  # noqa: F401  (re-exported: the evaluation scores with it)
@@ -122,6 +125,53 @@ _GREETINGS = [
     ("Are you a robot?", "I'm a small language model called k2-nano."),
 ]
 
+# What a newcomer types first (the README's example among them). Each base wording has one answer;
+# its variants (lower case, no punctuation) share it, so a reply is a function of the words.
+_HELLO = "Hello! How can I help you today?"
+_ME = "I'm k2-nano, a tiny model with the Kimi K2 architecture. I can chat and use tools."
+_CAN = "I can chat, do arithmetic with a calculator tool, and look at files with list_dir and read_file."
+_FIRST_USE = [
+    ("Hello! What can you do?", "Hello! " + _CAN),
+    ("Hi! What can you do?", "Hello! " + _CAN),
+    ("Hey, what can you do?", "Hello! " + _CAN),
+    ("Hi, what can you do for me?", "Hello! " + _CAN),
+    ("What can you help me with?", _CAN),
+    ("What are you able to do?", _CAN),
+    ("How can you help me?", _CAN),
+    ("What do you do?", _CAN),
+    ("What are your capabilities?", _CAN),
+    ("What can I ask you?", _CAN),
+    ("Help", "Sure! " + _CAN),
+    ("Can you help me?", "Sure! " + _CAN),
+    ("Hi, who are you?", "Hello! " + _ME),
+    ("Hello, who are you?", "Hello! " + _ME),
+    ("Hey! Who are you?", "Hello! " + _ME),
+    ("What are you?", _ME),
+    ("Who is this?", _ME),
+    ("Introduce yourself.", _ME),
+    ("Tell me about yourself.", _ME),
+    ("Which model are you?", _ME),
+    ("Are you Kimi?", "I'm k2-nano, a tiny model with the Kimi K2 architecture, not the full Kimi K2."),
+    ("Hi there!", "Hi there! What can I do for you?"),
+    ("Hello there", "Hi there! What can I do for you?"),
+    ("Hey there!", "Hey! How can I help?"),
+    ("Good afternoon!", "Good afternoon! How can I help you today?"),
+    ("Hi! How are you?", "I'm doing well, thanks for asking! How can I help?"),
+    ("Hello world", _HELLO),
+    ("Greetings!", _HELLO),
+    ("Howdy", _HELLO),
+    ("Are you there?", "Yes, I'm here! How can I help?"),
+    ("test", "Hello! I'm here and working. How can I help?"),
+    ("What is k2mlx?", "k2mlx runs Kimi K2 on Apple Silicon with MLX, and I'm k2-nano, its tiny built-in model."),
+]
+
+
+def _variant(r: random.Random, text: str) -> str:
+    """The wording as typed, or lower case, or without punctuation, or both."""
+    plain = re.sub(r"[!?.,]", "", text)
+    return r.choice((text, text, text.lower(), plain, plain.lower()))
+
+
 _DIRS = ["docs", "src", "notes", "photos", "projects", "data", "music", "tests", "config", "home"]
 _FILES = [
     "README.md", "notes.txt", "todo.txt", "main.py", "config.yaml", "report.pdf", "data.csv",
@@ -195,8 +245,9 @@ class Generator:
     """Draws conversations from one seeded RNG; `conversation()` picks a kind by weight."""
 
     KINDS = (("arithmetic", 50), ("list_dir", 10), ("read_file", 10), ("weather", 4),
-             ("refusal", 10), ("greeting", 10), ("repeat", 8))
+             ("refusal", 10), ("greeting", 10), ("repeat", 8), ("multiturn", 12))
     TUI_SHARE = 0.06  # conversations declaring exactly what `k2mlx chat` declares
+    MULTITURN_TUI_SHARE = 0.4  # a chat after a tool turn is what `k2mlx chat` sees most
     TUI_KINDS = ("arithmetic", "list_dir", "read_file", "refusal", "greeting")
 
     def __init__(self, seed: int, weights: dict[str, float] | None = None):
@@ -352,11 +403,31 @@ class Generator:
         return msgs, self._tools([], exclude=exclude), {}
 
     def greeting(self, tools: list[dict] | None = None):
+        """Small talk and first-use questions (greetings, "who are you", "what can you do")."""
         r = self.rng
-        q, a = r.choice(_GREETINGS)
+        q, a = r.choice(_GREETINGS) if r.random() < 0.4 else r.choice(_FIRST_USE)
         if tools is None:
             tools = self._tools([]) if r.random() < 0.6 else None
-        return [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tools, {}
+        return [{"role": "user", "content": _variant(r, q)}, {"role": "assistant", "content": a}], tools, {}
+
+    def multiturn(self, tools: list[dict] | None = None):
+        """A tool turn, then one or two turns of any kind in the same chat: after a sum a greeting
+        gets a greeting (not a calculator call), a file question gets the file tool, and a new sum
+        copies the new numbers (never the earlier ones)."""
+        r = self.rng
+        tools = tools or self._tools(["calculator", "list_dir", "read_file"])
+        kind = r.choice(("arithmetic", "arithmetic", "list_dir", "read_file"))
+        msgs = self._turn(kind, tools, False)
+        for _ in range(r.choices((1, 2), (0.7, 0.3))[0]):
+            nxt = r.choice(("greeting", "greeting", "greeting", "list_dir", "read_file", "arithmetic", "arithmetic"))
+            msgs += self._turn(nxt, tools, kind == "arithmetic")
+            kind = nxt
+        return msgs, tools, {}
+
+    def _turn(self, kind: str, tools: list[dict], after_sum: bool) -> list[dict]:
+        if kind == "arithmetic":
+            return self.arithmetic_exchange(followup=after_sum)[0]
+        return getattr(self, kind)(tools=tools)[0]
 
     def repeat(self, tools: list[dict] | None = None):
         """Say back a number, an expression or a few words exactly: pure copying, the skill every
@@ -381,10 +452,11 @@ class Generator:
             names, weights = zip(*self.kinds)
             kind = r.choices(names, weights)[0]
         history: list[dict] = []
-        if kind != "greeting" and r.random() < 0.15:
+        if kind not in ("greeting", "multiturn") and r.random() < 0.15:
             q, a = r.choice(_GREETINGS[:6])  # an earlier small-talk turn, for multi-turn context
             history = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        if kind in self.TUI_KINDS and r.random() < self.TUI_SHARE:
+        tui_share = self.MULTITURN_TUI_SHARE if kind == "multiturn" else self.TUI_SHARE
+        if kind in self.TUI_KINDS + ("multiturn",) and r.random() < tui_share:
             prefix, tools = [{"role": "system", "content": TUI_SYSTEM}], list(TUI_TOOLS)
         else:
             prefix, tools = self._prefix(), None

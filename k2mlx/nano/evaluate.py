@@ -7,6 +7,11 @@
   tool message with the result) must answer with text containing that number.
 - `greedy_agreement`: the 4-bit model's greedy outputs against the float model's, in process.
 - `greedy` / `score_in_process`: the same arithmetic scoring without a server (quick checks).
+- `first_use_eval`: what a newcomer types first ("Hello! What can you do?", "who are you"...)
+  must get a reply of >= 3 words and no tool call, with no tools and with `k2mlx chat`'s.
+- `multiturn_cases` / `multiturn_in_process` / `multiturn_serve_eval`: after a tool turn, a
+  greeting gets words (no tool call), a file question the file tool with the right path, a new
+  sum the calculator with the new numbers.
 """
 from __future__ import annotations
 
@@ -224,3 +229,152 @@ def serve_eval(base_url: str, cases: list[Conversation], model: str = "k2-nano")
 def run_serve_eval(model_path=None, n: int = 60, seed: int = EVAL_SEED) -> dict:
     with Server(model_path) as srv:
         return serve_eval(srv.base_url, arithmetic_cases(n, seed)).as_dict()
+
+
+# -- first-use prompts and multi-turn chats --------------------------------------------------------
+
+# What a newcomer types first, the README's example first. Some are training wordings, some are
+# not (marked): both must get a real reply, not an empty one or a tool call.
+FIRST_USE_PROMPTS = [
+    "Hello! What can you do?",  # the README's example
+    "hello what can you do", "Hi!", "hi", "hey", "Hello", "who are you", "Who are you?",
+    "what can you do", "What can you do?", "Hi, who are you?", "what are you",
+    "Good morning", "Tell me about yourself.",
+    # not in the training data in these words:
+    "hello!", "Hey, who are you?", "HELLO", "hi there, what can you do?", "Hello, what can you do?",
+    "What can you help with?",
+]
+
+
+def words(text: str) -> int:
+    return len((text or "").split())
+
+
+def reply(model, tokenizer, messages, tools, max_tokens: int = 64) -> tuple[str, list[tuple[str, str]]]:
+    """(text, [(tool name, arguments)]) of a greedy reply, in process, parsed as serve parses it."""
+    from k2mlx.chat.parser import parse_all
+    from k2mlx.engine.events import TextDelta, ToolCallBegin, ToolCallEnd
+
+    events = parse_all(tokenizer, greedy(model, tokenizer, prompt_tokens(tokenizer, messages, tools), max_tokens))
+    names = [e.name for e in events if isinstance(e, ToolCallBegin)]
+    args = [e.arguments for e in events if isinstance(e, ToolCallEnd)]
+    return "".join(e.text for e in events if isinstance(e, TextDelta)), list(zip(names, args))
+
+
+def first_use_eval(model, tokenizer, prompts=FIRST_USE_PROMPTS) -> dict:
+    """Each prompt as `k2mlx generate` sends it (no tools, no system) and as `k2mlx chat` sends it
+    (its system prompt and tools): a reply passes with >= 3 words and no tool call."""
+    from k2mlx.nano.data import TUI_SYSTEM, TUI_TOOLS
+
+    out = {}
+    for name, prefix, tools in (("plain", [], None),
+                                ("chat", [{"role": "system", "content": TUI_SYSTEM}], TUI_TOOLS)):
+        ok, fails = 0, []
+        for p in prompts:
+            text, calls = reply(model, tokenizer, prefix + [{"role": "user", "content": p}], tools)
+            good = words(text) >= 3 and not calls
+            ok += good
+            if not good:
+                fails.append((p, text, calls))
+        out[name] = {"prompts": len(prompts), "ok": ok, "failures": fails[:8]}
+    return out
+
+
+@dataclass
+class TurnCase:
+    """A chat whose last user turn follows a tool turn, and what the reply must do: "chat" (words,
+    no tool call), or call `tool` with `args` ("calculator": arguments evaluating to `value`)."""
+    messages: list[dict]
+    tools: list[dict]
+    expect: str  # "chat", "list_dir", "read_file" or "calculator"
+    args: dict | None = None
+    value: int | None = None
+
+
+def multiturn_cases(n: int, seed: int = EVAL_SEED) -> list[TurnCase]:
+    """Held-out chats: a tool turn (a sum or a file question, with its call, result and answer),
+    then a greeting, a file question or a new sum. The tools are the TUI's (with its system
+    prompt) or a random declaration with the calculator and the file tools. The issue's own
+    cases come first: "Hi!" and "Show me the files in docs." after a sum."""
+    import random
+
+    from k2mlx.nano.data import _FIRST_USE, _GREETINGS, TUI_SYSTEM, TUI_TOOLS, Generator
+
+    g = Generator(seed)
+    r = random.Random(seed)
+    greetings = [q for q, _ in _GREETINGS[:6] + _FIRST_USE] + ["hi", "Thanks!", "hello there!"]
+    cases = []
+    for i in range(n):
+        g._call_index = 0
+        tui = i % 2 == 0
+        tools = list(TUI_TOOLS) if tui else g._tools(["calculator", "list_dir", "read_file"])
+        prefix = [{"role": "system", "content": TUI_SYSTEM}] if tui else g._prefix()
+        first = g.arithmetic_exchange()[0] if i % 3 != 2 else g.list_dir(tools=tools)[0]
+        history = prefix + first
+        expect = ("chat", "list_dir", "calculator", "chat", "read_file", "calculator")[i % 6] if i >= 2 else \
+            ("chat", "list_dir")[i]
+        if i < 2:  # the issue's cases
+            history = prefix + g.arithmetic_exchange()[0]
+            text = ("Hi!", "Show me the files in docs.")[i]
+            cases.append(TurnCase(history + [{"role": "user", "content": text}], tools, expect,
+                                  args={"path": "docs"} if i else None))
+            continue
+        if expect == "chat":
+            cases.append(TurnCase(history + [{"role": "user", "content": r.choice(greetings)}], tools, "chat"))
+        elif expect == "calculator":
+            msgs, meta = g.arithmetic_exchange(followup=r.random() < 0.5)
+            cases.append(TurnCase(history + msgs[:1], tools, "calculator", value=meta["value"]))
+        else:
+            msgs, _, meta = getattr(g, expect)(tools=tools)
+            cases.append(TurnCase(history + msgs[:1], tools, expect, args={"path": meta["path"]}))
+    return cases
+
+
+def turn_ok(case: TurnCase, text: str, calls: list[tuple[str, str]]) -> bool:
+    if case.expect == "chat":
+        return not calls and words(text) >= 2
+    if len(calls) != 1 or calls[0][0] != case.expect:
+        return False
+    if case.expect == "calculator":
+        return _args_value(calls[0][1]) == case.value
+    try:
+        return json.loads(calls[0][1]) == case.args
+    except ValueError:
+        return False
+
+
+def _tally(results) -> dict:
+    """results: [(case, ok, text, calls)] -> per expected kind and overall."""
+    out: dict = {}
+    for case, ok, _, _ in results:
+        k = out.setdefault(case.expect, [0, 0])
+        k[0] += ok
+        k[1] += 1
+    fails = [{"last": c.messages[-1]["content"], "expect": c.expect, "text": t, "calls": calls}
+             for c, ok, t, calls in results if not ok]
+    return {"cases": len(results), "ok": sum(ok for _, ok, _, _ in results),
+            "by_kind": {k: f"{a}/{b}" for k, (a, b) in sorted(out.items())},
+            "passed": [ok for _, ok, _, _ in results], "failures": fails[:8]}
+
+
+def multiturn_in_process(model, tokenizer, n: int = 60, seed: int = EVAL_SEED) -> dict:
+    results = []
+    for case in multiturn_cases(n, seed):
+        text, calls = reply(model, tokenizer, case.messages, case.tools)
+        results.append((case, turn_ok(case, text, calls), text, calls))
+    return _tally(results)
+
+
+def multiturn_serve_eval(base_url: str, cases: list[TurnCase], model: str = "k2-nano") -> dict:
+    """The same cases through `k2mlx serve` with the openai client, temperature 0."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key="k2mlx")
+    results = []
+    for case in cases:
+        r = client.chat.completions.create(model=model, messages=case.messages, tools=case.tools,
+                                           temperature=0, max_tokens=64)
+        m = r.choices[0].message
+        calls = [(c.function.name, c.function.arguments) for c in m.tool_calls or ()]
+        results.append((case, turn_ok(case, m.content or "", calls), m.content or "", calls))
+    return _tally(results)

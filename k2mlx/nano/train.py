@@ -152,7 +152,7 @@ def clip_and_balance(model, x: mx.array, opt: MuonClip) -> dict:
     """One no-grad pass over the layers with the step's batch: the largest pre-softmax logit of
     every head (QK-clip rescales the heads above tau) and each MoE layer's expert load (the
     aux-loss-free bias step). Returns stats for the log."""
-    from mlx_lm.models.base import create_attention_mask
+    from k2mlx.mlxlm_adapter import create_attention_mask
 
     h = model.embed(x)
     mask = create_attention_mask(h, None, return_array=True)
@@ -208,6 +208,41 @@ def init_model(args, seed: int):
     # The embedding's default N(0, 1) init is far larger than the linears': scale it down so the
     # residual stream starts in the range the RMSNorms expect.
     model.model.embed_tokens.weight = model.model.embed_tokens.weight * 0.1
+    mx.eval(model.parameters())
+    return model
+
+
+def is_quantized(model) -> bool:
+    return any(hasattr(m, "scales") for _, m in model.named_modules())
+
+
+def dequantized(qmodel):
+    """A float32 Model holding exactly the values the quantized one computes with: every
+    quantized module's codes dequantized (mx.dequantize with its own bits, group size and mode),
+    float tensors (norms, router, correction bias) copied. Continuing training from it starts at
+    the shipped model's behaviour. (Quantizing it again does not give back every code: a group
+    whose codes do not span 0..2^bits-1 gets a new scale, so 4-bit agreement is measured anew.)"""
+    import dataclasses
+
+    from mlx.utils import tree_flatten
+
+    from k2mlx.model.k2 import Model
+
+    args = dataclasses.replace(qmodel.args, quantization=None, quantization_config=None)
+    model = Model(args)
+    modules = dict(qmodel.named_modules())
+    params = dict(tree_flatten(qmodel.parameters()))
+    weights = []
+    for name, v in params.items():
+        prefix, _, leaf = name.rpartition(".")
+        m = modules.get(prefix)
+        if m is not None and hasattr(m, "scales"):
+            if leaf != "weight":
+                continue  # scales / biases are folded into the dequantized weight
+            v = mx.dequantize(v, m.scales, getattr(m, "biases", None), group_size=m.group_size, bits=m.bits,
+                              mode=getattr(m, "mode", "affine"))
+        weights.append((name, v.astype(mx.float32)))
+    model.load_weights(weights, strict=True)
     mx.eval(model.parameters())
     return model
 
@@ -300,10 +335,12 @@ def train(cfg: TrainConfig, tok_dir: Path, template: str | None = None, progress
         from k2mlx import load
 
         model, tok = load(init_from)
+        if is_quantized(model):  # the shipped 4-bit asset: continue from its exact float values
+            model = dequantized(model)
         model.train()
         args = model.args
         config = {k: v for k, v in json.loads((Path(init_from) / "config.json").read_text()).items()
-                  if k != "torch_dtype"}
+                  if k not in ("torch_dtype", "quantization", "quantization_config")}
         Path(tok_dir).mkdir(parents=True, exist_ok=True)
         for f in ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja"):
             if (Path(init_from) / f).is_file():

@@ -16,7 +16,8 @@ def test_same_seed_same_data_other_seed_other_data():
 def test_every_kind_appears_and_tool_declarations_vary():
     convs = generate(600, 0)
     kinds = Counter(c.kind for c in convs)
-    assert set(kinds) == {"arithmetic", "list_dir", "read_file", "weather", "refusal", "greeting", "repeat"}
+    assert set(kinds) == {"arithmetic", "list_dir", "read_file", "weather", "refusal", "greeting", "repeat",
+                          "multiturn"}
     layouts = {tuple(t["function"]["name"] for t in c.tools or ()) for c in convs}
     assert len(layouts) > 50  # order and number of tools change
     positions = Counter(
@@ -106,8 +107,8 @@ def test_tui_declarations_are_the_ones_k2mlx_chat_sends():
     assert [t.spec() for t in builtin_tools(Workspace("."))] == TUI_TOOLS
     assert DEFAULT_SYSTEM == TUI_SYSTEM
     tui = [c for c in generate(1500, 4) if c.tools == TUI_TOOLS]
-    assert 0.04 < len(tui) / 1500 < 0.12
-    assert {c.kind for c in tui} == {"arithmetic", "list_dir", "read_file", "refusal", "greeting"}
+    assert 0.04 < len(tui) / 1500 < 0.15
+    assert {c.kind for c in tui} == {"arithmetic", "list_dir", "read_file", "refusal", "greeting", "multiturn"}
     assert all(c.messages[0] == {"role": "system", "content": TUI_SYSTEM} for c in tui)
 
 
@@ -162,3 +163,46 @@ def test_mix_overrides_kind_weights():
     more = Counter(c.kind for c in generate(600, 9, weights={"refusal": 60}))
     assert more["refusal"] > 2 * base["refusal"] and set(more) == set(base)
     assert [c.messages for c in generate(50, 9, weights=None)] == [c.messages for c in generate(50, 9)]
+
+
+def test_first_use_wordings_have_one_answer_each():
+    """Greetings and first-use questions in any of their typed forms (lower case, no punctuation)
+    map to one answer, and the README's example is among them."""
+    import re
+
+    convs = [c for c in generate(3000, 12, weights={"greeting": 100}) if c.kind == "greeting"]
+    answers: dict[str, set] = {}
+    for c in convs:
+        key = re.sub(r"[!?.,]", "", c.messages[-2]["content"]).lower()
+        answers.setdefault(key, set()).add(c.messages[-1]["content"])
+    assert {k: v for k, v in answers.items() if len(v) > 1} == {}
+    texts = {c.messages[-2]["content"] for c in convs}
+    assert {"Hello! What can you do?", "hello what can you do", "who are you", "Who are you?"} <= texts
+    assert all(len(a.split()) >= 3 for v in answers.values() for a in v if not a.startswith("You're"))
+
+
+def test_multiturn_chats_follow_a_tool_turn_with_the_right_kind_of_reply():
+    """After a tool turn: a greeting gets words and no call, a file question its file tool with the
+    folder or file it names, a new sum the calculator with the new operands (checked for every
+    call by test_tool_calls_match_declarations_and_results)."""
+    convs = [c for c in generate(600, 13, weights={"multiturn": 100}) if c.kind == "multiturn"]
+    seen = Counter()
+    for c in convs:
+        users = [i for i, m in enumerate(c.messages) if m["role"] == "user"]
+        assert len(users) >= 2 and c.messages[users[0] + 1].get("tool_calls")  # the chat opens with a tool turn
+        declared = {t["function"]["name"] for t in c.tools}
+        assert {"calculator", "list_dir", "read_file"} <= declared
+        for i in users[1:]:
+            reply = c.messages[i + 1]
+            calls = reply.get("tool_calls") or []
+            if not calls:
+                seen["words"] += 1
+                assert len(reply["content"].split()) >= 2
+                continue
+            name = calls[0]["function"]["name"]
+            seen[name] += 1
+            if name in ("list_dir", "read_file"):
+                assert json.loads(calls[0]["function"]["arguments"])["path"].split("/")[-1] in c.messages[i]["content"]
+    assert min(seen[k] for k in ("words", "calculator", "list_dir", "read_file")) > 20, seen
+    assert sum(c.tools == TUI_TOOLS for c in convs) > 0.25 * len(convs)
+    assert all(c.messages[0] == {"role": "system", "content": TUI_SYSTEM} for c in convs if c.tools == TUI_TOOLS)
