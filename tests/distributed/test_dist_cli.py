@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from k2mlx.distributed import state as cstate
-from test_dist_faults import LIMIT_S, assert_all_gone
+from test_dist_faults import LIMIT_S, assert_all_gone, kill_groups
 
 
 def k2(*args, env=None, timeout=180):
@@ -132,8 +132,4 @@ def test_generate_hosts_while_cluster_up_leaves_it_alone_and_down_stops_it(tiny_
         assert cstate.running() == []
         assert "no cluster is running" in k2("cluster", "down", env=env).stdout
     finally:
-        for pid in pids:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        kill_groups(pids)

@@ -12,35 +12,18 @@ import time
 
 import pytest
 
+from k2mlx.distributed.state import group_alive
+
 LIMIT_S = 10.0
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return False
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # killpg succeeds on zombies too: look at the members
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if os.getpgid(int(d)) == pgid and alive(int(d)):
-                    return True
-            except (ProcessLookupError, PermissionError):
-                continue
-    return False
+def kill_groups(pids) -> None:
+    """Test cleanup: SIGKILL whatever of these process groups is left."""
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 class Cluster:
@@ -83,11 +66,7 @@ class Cluster:
         return rc, time.monotonic() - t0
 
     def cleanup(self):
-        for pid in ([self.proc.pid] + (self.pids() if self.state.exists() else [])):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        kill_groups([self.proc.pid] + (self.pids() if self.state.exists() else []))
 
 
 @pytest.fixture

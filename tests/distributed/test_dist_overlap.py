@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from test_dist_faults import LIMIT_S, assert_all_gone
+from test_dist_faults import LIMIT_S, assert_all_gone, kill_groups
 from test_dist_pipeline import PROMPTS, launch
 
 PROMPTS4 = PROMPTS + [[9, 8, 7, 6]]
@@ -105,11 +105,7 @@ def test_sigkill_rank1_ends_every_overlapped_request_with_an_error(tiny_checkpoi
         assert rc == 3 and time.monotonic() - t_kill < LIMIT_S + 1, text
         assert_all_gone(pids, within=1.0)
     finally:
-        for pid in [proc.pid] + pids:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        kill_groups([proc.pid] + pids)
 
 
 def test_groups_join_cancel_seed_and_prefix_cache_in_process(tiny_checkpoint):

@@ -141,7 +141,7 @@ def test_a_dead_or_frozen_rank_stops_every_rank(tiny_checkpoint, tmp_path, victi
     import threading
     import time
 
-    from test_dist_faults import LIMIT_S, assert_all_gone
+    from test_dist_faults import LIMIT_S, assert_all_gone, kill_groups
 
     state = tmp_path / "state.json"
     args = {"prompts": [[5, 6, 7]], "steps": 300, "hold_s": 0.1, "out": str(tmp_path / "o.npz")}
@@ -173,11 +173,7 @@ def test_a_dead_or_frozen_rank_stops_every_rank(tiny_checkpoint, tmp_path, victi
         assert f"rank {victim}, host 127.0.0.1" in text, text
         assert_all_gone(pids, within=1.0)
     finally:
-        for pid in [proc.pid] + pids:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        kill_groups([proc.pid] + pids)
 
 
 def test_plan_shows_per_rank_memory_under_tensor():
