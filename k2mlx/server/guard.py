@@ -51,11 +51,14 @@ def normalize_origin(origin: str) -> str:
     if origin in ("*", "null"):
         return origin
     parts = urlsplit(origin.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
-    default = {"http": 80, "https": 443}[parts.scheme]
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if not re.fullmatch(r"[a-z][a-z0-9+.-]*", parts.scheme) or not parts.hostname or port == -1:
+        raise ValueError(f"not an origin (scheme://host[:port], e.g. https://chat.example): {origin!r}")
+    default = {"http": 80, "https": 443}.get(parts.scheme)  # apps use their own (app://obsidian.md)
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    port = parts.port
     return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
 
 
@@ -81,7 +84,8 @@ class Guard:
             return False
         if origin in self.origins:
             return True
-        return origin != "null" and is_loopback_name(urlsplit(origin).hostname or "")
+        parts = urlsplit(origin)
+        return parts.scheme in ("http", "https") and is_loopback_name(parts.hostname or "")
 
     def refusal(self, host: str | None, origin: str | None) -> tuple[int, str, str] | None:
         if self.check_host and host is not None and not is_loopback_name(host_name(host)):

@@ -2,19 +2,8 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 
 from k2mlx.errors import ClusterError
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
-    from k2mlx import load
-    from k2mlx.engine import Engine
-
-    eng = Engine(*load(tiny_checkpoint), max_batch=2, model_name="k2-tiny")
-    yield eng
-    eng.close()
 
 
 async def test_in_process_app_and_503_after_a_cluster_failure(engine):

@@ -210,20 +210,10 @@ def test_loopback_origin_gets_cors_and_preflight(server):
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
-    from k2mlx import load
-    from k2mlx.engine import Engine
-
-    eng = Engine(*load(tiny_checkpoint), max_batch=2, model_name="k2-tiny")
-    yield eng
-    eng.close()
-
-
 async def test_allow_origin_and_api_key_in_process(engine):
     from k2mlx.server import create_app
 
-    app = create_app(engine, api_key="sekrit", allow_origins=("https://chat.example",))
+    app = create_app(engine, api_key="sekrit", allow_origins=("https://chat.example", "app://obsidian.md"))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://my-mac.lan") as c:
         # with a key, any Host name is served (the key is the protection)...
         ok = {"Authorization": "Bearer sekrit"}
@@ -233,6 +223,8 @@ async def test_allow_origin_and_api_key_in_process(engine):
         r = await c.get("/v1/models", headers={**ok, "Origin": "https://chat.example"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://chat.example"
         assert (await c.get("/v1/models", headers={**ok, "Origin": "https://chat.example.evil"})).status_code == 403
+        assert (await c.get("/v1/models", headers={**ok, "Origin": "app://obsidian.md"})).status_code == 200
+        assert (await c.get("/v1/models", headers={**ok, "Origin": "app://localhost"})).status_code == 403
 
 
 # ---- error bodies ---------------------------------------------------------------------------------
