@@ -74,6 +74,7 @@ class _Reader:
             try:
                 self.open[fname] = mx.load(str(self.src / fname))
             except Exception as e:
+                log.debug("mx.load failed on %s", self.src / fname, exc_info=True)  # the traceback at debug
                 raise CheckpointError(f"cannot read shard ({e})", file=str(self.src / fname), tensor=name) from None
         arrays = self.open[fname]
         if name not in arrays:

@@ -10,12 +10,15 @@ CheckpointError naming the file and the tensor instead of crashing inside MLX.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import struct
 from pathlib import Path
 
 from k2mlx.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -172,6 +175,7 @@ def load_tensors(model_dir, names=None, layers: range | None = None, first: bool
         try:
             arrays = mx.load(str(path))
         except Exception as e:  # MLX's own message lacks the tensor; ours names the file
+            log.debug("mx.load failed on %s", path, exc_info=True)  # the traceback at --log-level debug
             raise CheckpointError(f"cannot read shard ({e})", file=str(path)) from None
         for n in wanted:
             a = arrays[n]
