@@ -134,11 +134,13 @@ def run(args) -> int:
 
     if getattr(args, "api_key_file", None):  # read here: the file need not exist on a cluster's rank 0
         args.api_key, args.api_key_file = resolve_api_key(args), None
+        api_key = args.api_key
+    else:
+        api_key = resolve_api_key(args)
     if getattr(args, "hosts", None):  # pipeline over several hosts (k2mlx.distributed)
         from k2mlx.distributed.cli import run_on_cluster
 
         return run_on_cluster(args, "serve")
-    api_key = resolve_api_key(args)
     if not is_loopback(args.host) and not api_key:
         raise RequestError(
             f"refusing to bind {args.host} without an API key: anyone who can reach this machine could use the model. "
