@@ -37,23 +37,38 @@ class LayerPlan:
     router: str = "compiled"
     backend: str | None = None
     name: str = "moe"
-    experts_ran: bool = False  # the kernel path has completed one call in this layer
+    experts_ran: bool = False  # the kernel has completed one call in this layer
     router_ran: bool = False
 
 
 _warned: set[tuple] = set()
+_DEFAULT = {"experts": "switch", "router": "compiled"}
 
 
-def _fall_back(plan: LayerPlan, what: str, err: Exception) -> None:
-    kind = (what, plan.backend, type(err).__name__, str(err)[:200])
-    msg = (f"k2mlx: the {plan.backend} {what} kernel failed at its first call in {plan.name} "
-           f"({type(err).__name__}: {err}); that layer (and any other that fails the same way) "
-           f"uses the {'switch' if what == 'expert' else 'compiled'} path from now on")
-    if kind in _warned:
-        log.debug(msg, exc_info=True)
-    else:
-        _warned.add(kind)
-        log.warning(msg, exc_info=True)
+def _first_calls_guarded(plan: LayerPlan, what: str, fn):
+    """fn() for the layer's `what` ("experts" or "router") kernel. Its first call in a layer is
+    evaluated at once, so a compile or launch failure surfaces here, not later in some unrelated
+    mx.eval. On failure: one warning per kind of failure, the layer keeps to the default path
+    from then on, and None is returned."""
+    if getattr(plan, f"{what}_ran"):
+        return fn()
+    try:
+        out = fn()
+        mx.eval(out)
+        setattr(plan, f"{what}_ran", True)
+        return out
+    except Exception as e:  # noqa: BLE001 - any kernel failure: warn once, use the default
+        kind = (what, plan.backend, type(e).__name__, str(e)[:200])
+        msg = (f"k2mlx: the {plan.backend} {what} kernel failed at its first call in {plan.name} "
+               f"({type(e).__name__}: {e}); that layer (and any other that fails the same way) "
+               f"uses the {_DEFAULT[what]} path from now on")
+        if kind in _warned:
+            log.debug(msg, exc_info=True)
+        else:
+            _warned.add(kind)
+            log.warning(msg, exc_info=True)
+        setattr(plan, what, _DEFAULT[what])
+        return None
 
 
 def np_experts(ex: Experts) -> Experts:
@@ -92,26 +107,18 @@ def moe_forward(x, inds, weights, switch_mlp, shared=None, path: str = "switch",
 
 
 def layer_experts(plan: LayerPlan, x, inds, weights, switch_mlp, shared=None):
-    """moe_forward on the layer's planned path. The kernel path's first call in a layer is
-    evaluated at once, so a compile or launch failure surfaces here and not later in some
-    unrelated mx.eval; on failure the layer keeps to switch."""
-    n_tokens = x.size // x.shape[-1]
-    if plan.experts == "kernel" and n_tokens <= MAX_KERNEL_TOKENS:
-        if plan.experts_ran:
-            return kernel_forward(plan.backend, x, inds, weights, switch_mlp, shared)
-        try:
-            out = kernel_forward(plan.backend, x, inds, weights, switch_mlp, shared)
-            mx.eval(out)
-            plan.experts_ran = True
+    """moe_forward on the layer's planned path (kernel: up to MAX_KERNEL_TOKENS tokens)."""
+    if plan.experts == "kernel" and x.size // x.shape[-1] <= MAX_KERNEL_TOKENS:
+        out = _first_calls_guarded(
+            plan, "experts", lambda: kernel_forward(plan.backend, x, inds, weights, switch_mlp, shared))
+        if out is not None:
             return out
-        except Exception as e:  # noqa: BLE001 - any kernel failure: warn once, use switch
-            _fall_back(plan, "expert", e)
-            plan.experts = "switch"
     path = "switch" if plan.experts == "kernel" else plan.experts
     return moe_forward(x, inds, weights, switch_mlp, shared, path)
 
 
-def _router_kernel(backend, logits, *args):
+def router_kernel(backend, logits, *args):
+    """fused_route on mx arrays for any backend ("cpp": through numpy)."""
     if backend == "cpp":
         inds, w = fused_route("cpp", np.array(logits.astype(mx.float32)), np.array(args[0]), *args[1:])
         return mx.array(inds), mx.array(w)
@@ -122,14 +129,7 @@ def layer_route(plan: LayerPlan, logits, bias, top_k, n_group, topk_group, scali
     """noaux_tc routing on the layer's planned router path: logits [..., E] -> (inds, weights)."""
     args = (bias, top_k, n_group, topk_group, scaling, norm)
     if plan.router == "kernel":
-        if plan.router_ran:
-            return _router_kernel(plan.backend, logits, *args)
-        try:
-            out = _router_kernel(plan.backend, logits, *args)
-            mx.eval(out)
-            plan.router_ran = True
+        out = _first_calls_guarded(plan, "router", lambda: router_kernel(plan.backend, logits, *args))
+        if out is not None:
             return out
-        except Exception as e:  # noqa: BLE001 - any kernel failure: warn once, use compiled
-            _fall_back(plan, "router", e)
-            plan.router = "compiled"
     return route_compiled(logits, *args)

@@ -181,9 +181,11 @@ def write_cache_entry(key: str, entry: dict, path: Path | None = None) -> None:
 _decided: dict[str, Decision] = {}  # this process: a second load does not re-read or re-measure
 
 
-def measured_decision(moe, backend: str, budget_s: float = 3.0, use_cache: bool = True) -> Decision:
+def measured_decision(moe, backend: str, budget_s: float = 3.0, use_cache: bool = True,
+                      timed=None) -> Decision:
     """The auto decision for a layer like `moe` on `backend`: from the cache, or measured
-    (then cached). `backend` "cpp" (the C++ twin) is accepted for tests."""
+    (then cached). `backend` "cpp" (the C++ twin) and fewer `timed` batch sizes than
+    probe.TIMED_TOKENS are for tests (the twin takes seconds per call)."""
     from k2mlx.kernels import probe
 
     key = cache_key(backend, shape_of(moe))
@@ -195,13 +197,14 @@ def measured_decision(moe, backend: str, budget_s: float = 3.0, use_cache: bool 
     else:
         g = moe.gate
         t0 = time.perf_counter()
-        m = probe.measure_experts(moe.switch_mlp, g.top_k, backend, budget_s * 0.8)
+        timed = timed or probe.TIMED_TOKENS
+        m = probe.measure_experts(moe.switch_mlp, g.top_k, backend, budget_s * 0.8, timed)
         use_k, why = probe.decide_experts(m)
         r_why = router_unsupported(g.weight.shape[0], g.top_k, g.n_group, g.topk_group)
         if r_why is None:
             rm = probe.measure_router(g.weight.shape[0], g.top_k, g.n_group, g.topk_group,
                                       g.routed_scaling_factor, g.norm_topk_prob, g.weight.dtype,
-                                      backend, budget_s * 0.2)
+                                      backend, budget_s * 0.2, timed)
             use_r, r_why = probe.decide_router(rm)
         else:
             use_r, rm = False, {}

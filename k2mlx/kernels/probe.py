@@ -16,10 +16,9 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from k2mlx.kernels.dispatch import kernel_forward, moe_forward
+from k2mlx.kernels.dispatch import kernel_forward, moe_forward, router_kernel
 from k2mlx.kernels.launch import dims
 from k2mlx.kernels.reference import Experts, Proj, dispatch_reference, route_compiled, route_reference
-from k2mlx.kernels.router import fused_route
 
 TIMED_TOKENS = (1, 4, 16)  # decode, and small batches
 AGREE_TOKENS = (1, 4)  # the float32 reference copies the experts in use: keep it small
@@ -83,7 +82,8 @@ def _time(fns: dict, budget_s: float, min_iters=3, max_iters=30, warmup=2) -> di
     return {name: statistics.median(v) for name, v in ts.items()}
 
 
-def measure_experts(switch_mlp, top_k: int, backend: str, budget_s: float = 2.0) -> dict:
+def measure_experts(switch_mlp, top_k: int, backend: str, budget_s: float = 2.0,
+                    timed=TIMED_TOKENS) -> dict:
     """{"error": str} when the kernels raise, else {"agree": {n: {"kernel": e, "switch": e}},
     "ms": {n: {"kernel": t, "switch": t}}, "dtype": name}."""
     ex = Experts.of(switch_mlp)
@@ -97,8 +97,8 @@ def measure_experts(switch_mlp, top_k: int, backend: str, budget_s: float = 2.0)
             got_k = kernel_forward(backend, x, inds, w, switch_mlp)
             got_s = moe_forward(x, inds, w, switch_mlp, path="switch")
             out["agree"][n] = {"kernel": _rel(got_k, ref), "switch": _rel(got_s, ref)}
-        per_n = budget_s / len(TIMED_TOKENS)
-        for n in TIMED_TOKENS:
+        per_n = budget_s / len(timed)
+        for n in timed:
             x, inds, w = case(n, E, top_k, D, dtype, seed=1)
             t = _time({"switch": lambda: moe_forward(x, inds, w, switch_mlp, path="switch"),
                        "kernel": lambda: kernel_forward(backend, x, inds, w, switch_mlp)}, per_n)
@@ -109,17 +109,14 @@ def measure_experts(switch_mlp, top_k: int, backend: str, budget_s: float = 2.0)
 
 
 def measure_router(n_experts, top_k, n_group, topk_group, scaling, norm, logits_dtype, backend,
-                   budget_s: float = 0.5) -> dict:
+                   budget_s: float = 0.5, timed=TIMED_TOKENS) -> dict:
     """Same shape of result for the router kernel against the compiled MLX-ops router:
     "agree" holds wrong picks and max weight error at 1 and 4 tokens."""
     bias = mx.random.normal((n_experts,), key=mx.random.key(7)) * 0.1
     args = (top_k, n_group, topk_group, scaling, norm)
 
     def kernel(lg):
-        if backend == "cpp":
-            i, w = fused_route("cpp", np.array(lg.astype(mx.float32)), np.array(bias), *args)
-            return mx.array(i), mx.array(w)
-        return fused_route(backend, lg, bias, *args)
+        return router_kernel(backend, lg, bias, *args)
 
     out = {"agree": {}, "ms": {}}
     try:
@@ -131,10 +128,10 @@ def measure_router(n_experts, top_k, n_group, topk_group, scaling, norm, logits_
             bad = int((np.take_along_axis(gi, oa, -1) != np.take_along_axis(ri, ob, -1)).sum())
             werr = float(np.abs(np.take_along_axis(gw, oa, -1) - np.take_along_axis(rw, ob, -1)).max())
             out["agree"][n] = {"wrong_picks": bad, "weight_error": werr}
-        for n in TIMED_TOKENS:
+        for n in timed:
             lg = (mx.random.normal((n, n_experts), key=mx.random.key(50 + n)) * 2).astype(logits_dtype)
             t = _time({"switch": lambda: route_compiled(lg, bias, *args), "kernel": lambda: kernel(lg)},
-                      budget_s / len(TIMED_TOKENS))
+                      budget_s / len(timed))
             out["ms"][n] = {k: v * 1e3 for k, v in t.items()}
     except Exception as e:  # noqa: BLE001
         return {"error": f"{type(e).__name__}: {e}"[:500]}

@@ -62,8 +62,8 @@ def test_probe_measures_the_twin_at_the_models_own_shapes(experts):
     from kernel_cases import mlx_lm_switch_glu
     from k2mlx.kernels.probe import ERROR_FLOOR, measure_experts
 
-    m = measure_experts(mlx_lm_switch_glu(), 4, "cpp", budget_s=0.5)
+    m = measure_experts(mlx_lm_switch_glu(), 4, "cpp", budget_s=0.5, timed=(1, 4))
     assert "error" not in m, m
-    assert m["dtype"] == "float32" and set(m["ms"]) == {1, 4, 16}
+    assert m["dtype"] == "float32" and set(m["ms"]) == {1, 4}
     for e in m["agree"].values():
         assert e["kernel"] < ERROR_FLOOR["float32"] and e["switch"] < ERROR_FLOOR["float32"], m

@@ -154,13 +154,13 @@ def test_decision_rules():
 def test_probe_result_is_cached_and_read_back(fresh):
     model, _ = load(NANO)  # on the CPU: switch, no probe
     (_, moe), *_ = policy.moe_layers(model)
-    d = policy.measured_decision(moe, "cpp", budget_s=0.5)
+    d = policy.measured_decision(moe, "cpp", budget_s=0.5, timed=(1, 4))  # the twin is slow
     assert d.source == "measured" and d.experts in ("switch", "kernel"), d
     assert "kernels faster" in d.reason or "kernels not faster" in d.reason, d.reason  # agreed
     data = json.loads((fresh / policy.CACHE_FILE).read_text())
     assert data["format"] == policy.CACHE_FORMAT and list(data["entries"]) == [d.key]
     entry = data["entries"][d.key]
-    assert set(entry["measured"]["experts"]["ms"]) == {"1", "4", "16"}
+    assert set(entry["measured"]["experts"]["ms"]) == {"1", "4"}
     assert sorted(os.listdir(fresh)) == [policy.CACHE_FILE]  # written atomically: no temp left
     policy._decided.clear()  # a new process: read from the file
     d2 = policy.measured_decision(moe, "cpp")
@@ -176,8 +176,7 @@ def test_probe_result_is_cached_and_read_back(fresh):
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 1, "entries": []}), "dir",
                                      "bad-entry"])
 def test_a_corrupt_cache_is_ignored_with_a_warning(fresh, caplog, content):
-    model, _ = load(NANO)
-    (_, moe), *_ = policy.moe_layers(model)
+    moe = _moe()
     f = fresh / policy.CACHE_FILE
     fresh.mkdir(exist_ok=True)
     key = policy.cache_key("cpp", policy.shape_of(moe))
@@ -189,7 +188,7 @@ def test_a_corrupt_cache_is_ignored_with_a_warning(fresh, caplog, content):
     else:
         f.write_text(content)
     with caplog.at_level(logging.WARNING, logger="k2mlx.kernels.policy"):
-        d = policy.measured_decision(moe, "cpp", budget_s=0.3)
+        d = policy.measured_decision(moe, "cpp", budget_s=0.3, timed=(1,))
     assert d.source == "measured" and d.experts in ("switch", "kernel")
     assert any("ignoring" in r.getMessage() and "MoE-path cache" in r.getMessage() for r in caplog.records)
     if content != "dir":  # rewritten whole and valid
@@ -219,7 +218,7 @@ def test_a_kernel_failing_at_its_first_call_falls_back_with_one_warning(fresh, t
         got = np.array(model(TOKENS))  # 3 layers, each with a failing router and expert kernel
         again = np.array(model(TOKENS))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len([w for w in warnings if "expert kernel failed at its first call" in w]) == 1, warnings
+    assert len([w for w in warnings if "experts kernel failed at its first call" in w]) == 1, warnings
     assert len([w for w in warnings if "router kernel failed at its first call" in w]) == 1, warnings
     assert len(warnings) == 2, warnings
     assert {(p.experts, p.router) for p in plans(model)} == {("switch", "compiled")}
