@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import sys
 
-    from k2mlx.events import Done, ParseWarning, ReasoningDelta, TextDelta, ToolCallBegin, ToolCallEnd
+    from k2mlx.events import Done, ParseWarning, PrefillProgress, ReasoningDelta, TextDelta, ToolCallBegin, ToolCallEnd
     from k2mlx.engine.request import GenerationRequest, SamplingParams
 
     if getattr(args, "hosts", None):  # pipeline over several hosts (k2mlx.distributed)
@@ -47,16 +47,24 @@ def run(args) -> int:
     model, tokenizer = getattr(args, "preloaded", None) or load(path)
     engine = Engine(model, tokenizer, max_batch=1, cache_bytes=0)
     sampling = SamplingParams(temperature=args.temp, top_p=args.top_p, seed=args.seed)
+    out, err = sys.stdout, sys.stderr
+    bar = ProgressBar(err) if err.isatty() else None  # a bar only where a person watches
     if args.raw:
-        req = GenerationRequest(prompt=args.prompt, max_tokens=args.max_tokens, sampling=sampling)
+        req = GenerationRequest(prompt=args.prompt, max_tokens=args.max_tokens, sampling=sampling,
+                                progress=bar is not None)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.prompt})
-        req = GenerationRequest(messages=messages, max_tokens=args.max_tokens, sampling=sampling)
-    out, err = sys.stdout, sys.stderr
+        req = GenerationRequest(messages=messages, max_tokens=args.max_tokens, sampling=sampling,
+                                progress=bar is not None)
     done = None
     try:
         for ev in engine.generate(req):
+            if isinstance(ev, PrefillProgress):
+                bar.update(ev)
+                continue
+            if bar is not None:
+                bar.clear()
             if isinstance(ev, TextDelta):
                 out.write(ev.text)
                 out.flush()
@@ -91,6 +99,34 @@ def run(args) -> int:
             print(f"error: {done.error}", file=err)
             return 1
     return 0
+
+
+class ProgressBar:
+    """One self-rewriting stderr line while a long prompt is read: tokens done / total and the
+    time left. Drawn only for prompts of several chunks (short ones finish before a person
+    could read it); cleared before the reply starts."""
+
+    MIN_TOKENS = 1024
+
+    def __init__(self, stream):
+        self.stream, self.shown = stream, False
+
+    def update(self, ev) -> None:
+        if ev.total < self.MIN_TOKENS:
+            return
+        width = 30
+        filled = int(width * ev.done / ev.total)
+        eta = f", {ev.eta_s:.0f} s left" if ev.eta_s is not None else ""
+        self.stream.write(f"\r\x1b[2Kprefill [{'#' * filled}{'.' * (width - filled)}] "
+                          f"{ev.done}/{ev.total} tokens{eta}")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+            self.shown = False
 
 
 def _tokens(n: int) -> str:
