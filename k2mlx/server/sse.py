@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 
@@ -67,11 +68,17 @@ def timings_dict(t) -> dict:
             "prefill_tps": round(t.prefill_tps, 3), "decode_tps": round(t.decode_tps, 3)}
 
 
+def _lp(v: float) -> float:
+    """A logprob JSON can carry: a masked token's -inf is -9999.0, as OpenAI writes it."""
+    return v if math.isfinite(v) else -9999.0
+
+
 def _lp_entries(logprobs) -> list[dict]:
     out = []
     for text, lp, tops in logprobs or ():
-        out.append({"token": text, "logprob": lp, "bytes": list(text.encode("utf-8")),
-                    "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for t, v in tops]})
+        out.append({"token": text, "logprob": _lp(lp), "bytes": list(text.encode("utf-8", "replace")),
+                    "top_logprobs": [{"token": t, "logprob": _lp(v), "bytes": list(t.encode("utf-8", "replace"))}
+                                     for t, v in tops]})
     return out
 
 
@@ -179,8 +186,8 @@ def completion_logprobs(entries: list[tuple], offset: int) -> dict:
     tokens, lps, tops, offs = [], [], [], []
     for text, lp, top in entries:
         tokens.append(text)
-        lps.append(lp)
-        tops.append({t: v for t, v in top})
+        lps.append(_lp(lp))
+        tops.append({t: _lp(v) for t, v in top})
         offs.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}

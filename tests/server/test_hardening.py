@@ -283,3 +283,17 @@ def test_api_key_from_env_or_file(tmp_path, monkeypatch, capsys):
     for bad in (str(tmp_path / "empty"), str(tmp_path / "missing")):
         with pytest.raises(RequestError, match="api-key-file"):
             resolve_api_key(parser.parse_args(["--api-key-file", bad]))
+
+
+def test_masked_logprobs_stay_valid_json():
+    """A token a grammar masked has logprob -inf, which strict JSON cannot carry (the response
+    class refuses NaN/inf, so it would have been a 500): it is written as OpenAI does, -9999.0."""
+    from k2mlx.server.errors import JSON
+    from k2mlx.server.sse import _lp_entries, completion_logprobs
+
+    entries = [("a", float("-inf"), (("a", -0.1), ("b", float("-inf")))), ("c", float("nan"), ())]
+    chat = _lp_entries(entries)
+    assert [e["logprob"] for e in chat] == [-9999.0, -9999.0] and chat[0]["top_logprobs"][1]["logprob"] == -9999.0
+    text = completion_logprobs(entries, 0)
+    assert text["token_logprobs"] == [-9999.0, -9999.0] and text["top_logprobs"][0]["b"] == -9999.0
+    assert json.loads(JSON({"chat": chat, "text": text}).body)["text"]["token_logprobs"][0] == -9999.0
