@@ -17,14 +17,15 @@ What each rank holds (`shard_model`, applied once at load)
   experts' + shared expert's partial sums) per layer: 2 x num_layers per forward (K2: 122).
 
 Lock step (`TensorModel` on rank 0, `worker_loop` on the others)
-Per forward, rank 0 sends every worker the step's header, the queued cache operations (JSON,
-as the pipeline does: `remote_cache`) and the tokens [B, L] int32; then all ranks run the same
+Per forward, every worker gets the step's header, the queued cache operations (JSON, as the
+pipeline does: `remote_cache`) and the tokens [B, L] int32; then all ranks run the same
 forward and meet in the all_sums. Rank 0's caches are real caches behind `MirrorCache`
 stand-ins, whose mutating calls (merge, filter, extend, trim, copy, free ...) are applied at once
 and queued for the workers, so every rank's caches see the same calls in the same order.
 Each forward is evaluated before it returns, so no rank can leave an all_sum behind.
 
-Wire (rank 0 -> each worker):  meta int32[8] = op, payload bytes, B, L, 0, step, 0, 0;
+Wire (rank 0 -> rank 1 -> ... -> rank N-1, each passing the step on before computing, as MLX's
+ring backend sends only to neighbours): meta int32[8] = op, payload bytes, B, L, 0, step, 0, 0;
 payload uint8[n] (JSON {"ops": ..., "ids": [...] | null}); tokens int32 [B, L] (B > 0).
 """
 from __future__ import annotations
@@ -201,11 +202,14 @@ class TensorModel:
     def make_cache(self) -> list:
         return [MirrorCache.new(c, ALL, i, self.log) for i, c in enumerate(self.model.make_cache())]
 
-    def _send(self, op: int, B: int, L: int, ids) -> None:
+    def _send(self, op: int, B: int, L: int, ids, tokens: mx.array | None = None) -> None:
+        """The step to rank 1; each worker passes it on round the ring (MLX's ring backend
+        sends only to neighbours), the last one back to rank 0 only for stats."""
         payload = json.dumps({"ops": self.log.take(), "ids": ids}).encode() if op == OP_FORWARD else b""
         self._step += 1
-        for r in range(1, self.link.size):
-            self.link.send_meta([op, len(payload), B, L, 0, self._step, 0, 0], payload, r)
+        self.link.send_meta([op, len(payload), B, L, 0, self._step, 0, 0], payload, self.link.next)
+        if tokens is not None:
+            self.link.send(tokens, self.link.next)
 
     def __call__(self, tokens: mx.array, cache: list | None = None, mask: Any = None) -> mx.array:
         from k2mlx.errors import ClusterError
@@ -216,9 +220,7 @@ class TensorModel:
         B, L = tokens.shape
         tokens = tokens.astype(mx.int32)
         ids = [c._oid for c in cache] if cache is not None else None
-        self._send(OP_FORWARD, B, L, ids)
-        for r in range(1, self.link.size):
-            self.link.send(tokens, r)
+        self._send(OP_FORWARD, B, L, ids, tokens)
         real = [_real(c) for c in cache] if cache is not None else None
         h = self.model.forward_layers(self.model.embed(tokens), real, mask)  # [B, L, hidden]
         _eval(h, self.link)  # every all_sum of this step, now (see the module docstring)
@@ -230,12 +232,10 @@ class TensorModel:
         self._send(OP_FORWARD, 0, 0, None)
 
     def stats(self) -> list[dict]:
+        """Every rank's step records, gathered round the ring."""
         self._send(OP_STATS, 0, 0, None)
-        out = [{"rank": 0, "steps": list(self.timeline.steps)}]
-        for r in range(1, self.link.size):
-            _, payload = self.link.recv_meta(r)
-            out.append(json.loads(payload or b"{}"))
-        return out
+        _, payload = self.link.recv_meta(self.link.prev)
+        return [{"rank": 0, "steps": list(self.timeline.steps)}] + json.loads(payload or b"[]")
 
     def close(self) -> None:
         if not self.closed:
@@ -259,23 +259,30 @@ def worker_loop(model, link) -> None:
     def make_layer_cache(layer: int):
         return model.make_cache()[layer]  # fresh objects each time: caches are mutable
 
+    last = link.next == 0
     while True:
         t0 = time.perf_counter()
-        meta, payload = link.recv_meta(0)
+        meta, payload = link.recv_meta(link.prev)
         op, _, B, L, _, step = meta[:6]
+        if op == OP_STATS:  # append ours and pass on; the last rank's list goes back to rank 0
+            got = json.loads(payload or b"[]") if link.prev != 0 else []
+            got.append({"rank": link.rank, "steps": list(timeline.steps)})
+            data = json.dumps(got).encode()
+            link.send_meta([OP_STATS, len(data), 0, 0, 0, step], data, link.next)
+            continue
+        if not last:
+            link.send_meta(meta, payload, link.next)
         if op == OP_STOP:
             return
-        if op == OP_STATS:
-            data = json.dumps({"rank": link.rank, "steps": list(timeline.steps)}).encode()
-            link.send_meta([OP_STATS, len(data), 0, 0, 0, step], data, 0)
-            continue
         msg = json.loads(payload)
         mine = msg["ops"].get(str(ALL), [])
         if mine:
             apply_ops(mine, objects, make_layer_cache)
         if B == 0:
             continue
-        tokens = link.recv((B, L), mx.int32, 0)
+        tokens = link.recv((B, L), mx.int32, link.prev)
+        if not last:
+            link.send(tokens, link.next)
         t1, c1 = time.perf_counter(), time.process_time()
         ids = msg["ids"]
         cache = [objects[i] for i in ids] if ids is not None else None

@@ -51,15 +51,17 @@ def _load(path):
     return load(str(path))[0]
 
 
-@pytest.mark.parametrize("case", ["nano", "n_group", "q4"])
+@pytest.mark.parametrize("case", ["nano", "n_group", "q4", "nano-4-ranks"])
 def test_tensor_logits_match_single_process(case, tiny_checkpoint, grouped_checkpoint, q4_checkpoint, tmp_path):
-    ckpt = {"nano": tiny_checkpoint, "n_group": grouped_checkpoint, "q4": q4_checkpoint}[case]
+    """Two ranks (four for nano-4-ranks: the step passes round the ring, one head per rank)."""
+    ckpt = {"nano": tiny_checkpoint, "n_group": grouped_checkpoint, "q4": q4_checkpoint,
+            "nano-4-ranks": tiny_checkpoint}[case]
     args = {"prompts": PROMPTS[:2], "steps": 4}
     model = _load(ckpt)
     if case == "q4":  # really quantized: the split falls on packed words and group scales
         assert "scales" in model.layers[1].mlp.switch_mlp.down_proj and "scales" in model.layers[1].self_attn.o_proj
     reference(model, "greedy_logits", {**args, "out": str(tmp_path / "ref.npz")})
-    launch_tp(ckpt, "greedy_logits", {**args, "out": str(tmp_path / "tp.npz")})
+    launch_tp(ckpt, "greedy_logits", {**args, "out": str(tmp_path / "tp.npz")}, ranks=4 if "4-ranks" in case else 2)
     compare(tmp_path / "ref.npz", tmp_path / "tp.npz")
     ref = json.loads((tmp_path / "ref.npz.json").read_text())["tokens"]
     assert json.loads((tmp_path / "tp.npz.json").read_text())["tokens"] == ref
