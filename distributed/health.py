@@ -160,6 +160,7 @@ class Health:
         self._ppid = os.getppid()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._dropped, self._drop_logged = 0, -1e9  # hostile connections dropped, last warning
 
     # ---- public -------------------------------------------------------------------------
     def start(self) -> "Health":
@@ -262,7 +263,13 @@ class Health:
             self.fail(f"the health monitor crashed ({type(e).__name__}: {e})", self.rank)
 
     def _drop(self, conn: _Conn, pending: list[_Conn], why: str) -> None:
-        log.warning("heartbeat port: dropped a connection from %s: %s", _peer_name(conn), why)
+        # one warning per 10 s at most (a flood must not flood the log), the count with it
+        now = time.monotonic()
+        self._dropped += 1
+        if now >= self._drop_logged + 10.0:
+            log.warning("heartbeat port: dropped a connection from %s: %s (%d dropped since the last "
+                        "warning)", _peer_name(conn), why, self._dropped)
+            self._drop_logged, self._dropped = now, 0
         if conn in pending:
             pending.remove(conn)
         conn.close()

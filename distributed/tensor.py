@@ -38,7 +38,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from k2mlx.errors import ConfigError
+from k2mlx.errors import ClusterError, ConfigError
 
 from .pipeline import OP_FORWARD, OP_STATS, OP_STOP, Timeline
 from .remote_cache import OpLog, RemoteCache, apply_ops
@@ -212,8 +212,6 @@ class TensorModel:
             self.link.send(tokens, self.link.next)
 
     def __call__(self, tokens: mx.array, cache: list | None = None, mask: Any = None) -> mx.array:
-        from k2mlx.errors import ClusterError
-
         if self.closed:
             raise ClusterError("the tensor-parallel group was shut down")
         t0, c0 = time.perf_counter(), time.process_time()
