@@ -230,19 +230,18 @@ def engine_texts(pipe, tokenizer, *, prompts: list[list[int]], max_tokens: int, 
 
 
 def engine_bench(pipe, tokenizer, *, streams: int, prompt_len: int, steps: int, out: str,
-                 repeats: int = 1, overlap: bool | None = None, exit_safe: bool = False, **_) -> int:
+                 repeats: int = 1, overlap: bool | None = None, **_) -> int:
     """Decode throughput through the engine (what the server runs): `streams` concurrent greedy
     requests of `steps` tokens. Aggregate tok/s of one run = decoded tokens / the span from the
     first request's first token to the last one's end (from each request's own timings); the
-    median of `repeats` runs after one warm-up. The timeline is the last run's. Like `serve`,
-    compiled kernels stay on (`exit_safe=False`): the process must end with `os._exit`."""
+    median of `repeats` runs after one warm-up. The timeline is the last run's. Compiled kernels
+    stay on, as in `serve` (k2mlx/engine/threads.py)."""
     from k2mlx.engine.engine import Engine
     from k2mlx.engine.events import Done
     from k2mlx.engine.request import GenerationRequest, SamplingParams
 
     ban = {t: -100.0 for t in getattr(tokenizer, "eos_token_ids", [])}
-    eng = Engine(pipe, tokenizer, max_batch=max(2, streams), cache_bytes=0, overlap=overlap,
-                 exit_safe=exit_safe)
+    eng = Engine(pipe, tokenizer, max_batch=max(2, streams), cache_bytes=0, overlap=overlap)
     rates, first_step = [], 0
     try:
         for run in range(repeats + 1):

@@ -323,4 +323,4 @@ if __name__ == "__main__":
     rc = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(rc)  # the engine ran compiled MLX code off the main thread (see engine._hold_compile_off)
+    os._exit(rc)  # a fast exit without interpreter teardown

@@ -178,7 +178,7 @@ def run(args) -> int:
     model, tokenizer = getattr(args, "preloaded", None) or load(path)
     name = args.model_name or Path(path).resolve().name
     engine = Engine(model, tokenizer, max_batch=args.max_batch, cache_bytes=int(args.cache_gb * (1 << 30)),
-                    default_max_tokens=args.default_max_tokens, model_name=name, exit_safe=not standalone,
+                    default_max_tokens=args.default_max_tokens, model_name=name,
                     prompt_cache=open_disk_cache(args, model, path))
     if getattr(args, "on_engine", None):  # cluster: fail requests with 503 on rank loss
         args.on_engine(engine)
@@ -194,8 +194,8 @@ def run(args) -> int:
     finally:
         engine.close()
     if standalone:
-        # skip interpreter teardown: MLX aborts there when compiled code ran on the model thread
-        # (see k2mlx.engine.engine._hold_compile_off); everything is flushed and closed by now
+        # skip interpreter teardown (a fast exit; the engine's threads have fully ended in close(),
+        # see k2mlx/engine/threads.py); everything is flushed and closed by now
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -161,7 +161,7 @@ def _max_buffer() -> int | None:
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 8, context_length: int | None = None,
                  cache_bytes: int = 2 << 30, prefill_step_size: int | None = None,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS, model_name: str = "k2", exit_safe: bool | None = None,
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, model_name: str = "k2",
                  overlap: bool | None = None, prompt_cache=None):
         adapter.require()  # a renamed mlx-lm internal fails here, once, not in every request
         self.model, self.tokenizer = model, tokenizer
@@ -170,7 +170,6 @@ class Engine:
         if overlap and not can:
             raise ValueError("overlap needs a model with submit()/result() and max_batch > 1")
         self.n_groups = max(2, int(getattr(model, "stages", 2))) if (can if overlap is None else overlap) else 1
-        # exit_safe: accepted from older callers; every engine is safe to exit after close()
         from k2mlx.engine.threads import compile_must_stay_off
 
         self._compile_off = compile_must_stay_off()
