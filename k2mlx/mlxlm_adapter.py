@@ -207,15 +207,16 @@ def problems() -> list[str]:
     _expect(out, "BatchGenerator.remove", attr(g, "BatchGenerator", "remove"), ("uids", "return_prompt_caches"))
     _expect(out, "BatchGenerator.next", attr(g, "BatchGenerator", "next"))
     _expect(out, "StopSequences", attr(g, "StopSequences"), ("stop_sequences",))
-    try:
-        from mlx_lm.generate import GenerationBatch
-
-        fields = {f.name for f in dataclasses.fields(GenerationBatch.Response)}
-        lacking = {"uid", "token", "logprobs", "finish_reason", "prompt_cache", "all_tokens"} - fields
-        if lacking:
-            out.append(f"GenerationBatch.Response has no {', '.join(sorted(lacking))}")
-    except (ImportError, AttributeError, TypeError) as e:
-        out.append(f"GenerationBatch.Response is missing ({e})")
+    for cls, wanted in (("GenerationBatch", {"uid", "token", "logprobs", "finish_reason", "prompt_cache",
+                                             "all_tokens"}),
+                        ("PromptProcessingBatch", {"uid", "progress"})):  # what step() hands back
+        try:
+            fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(g), cls).Response)}
+        except (ImportError, AttributeError, TypeError) as e:
+            out.append(f"{cls}.Response is missing ({e})")
+            continue
+        if wanted - fields:
+            out.append(f"{cls}.Response has no {', '.join(sorted(wanted - fields))}")
     _expect(out, "KVCache", attr(c, "KVCache"))
     _expect(out, "_BaseCache", attr(c, "_BaseCache"))
     _expect(out, "LRUPromptCache", attr(c, "LRUPromptCache"), ("max_size", "max_bytes"))

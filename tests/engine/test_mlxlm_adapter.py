@@ -81,3 +81,17 @@ def test_outside_the_tested_range_warns_but_runs(monkeypatch, caplog):
     finally:
         adapter.require.cache_clear()
     assert "outside the tested range" in caplog.text
+
+
+def test_a_renamed_response_field_is_reported(monkeypatch):
+    import dataclasses
+
+    from mlx_lm.generate import PromptProcessingBatch
+
+    @dataclasses.dataclass
+    class Response:  # mlx-lm renaming `progress` would break prefill progress per request
+        uid: int
+        done_total: tuple
+
+    monkeypatch.setattr(PromptProcessingBatch, "Response", Response)
+    assert "PromptProcessingBatch.Response has no progress" in adapter.problems()
