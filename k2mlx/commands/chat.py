@@ -68,9 +68,9 @@ def run(args) -> int:
         backend = Backend(f"http://{first}:{args.port}/v1", api_key=args.api_key, model=args.model_name)
     else:
         if args.model is not None:  # a wrong path fails here in one line, not inside the opened app
-            from k2mlx.loading import _resolve, load_args
+            from k2mlx.loading import preflight
 
-            load_args(_resolve(args.model))
+            preflight(args.model)  # folder or cached repo id, config, tokenizer
         from k2mlx.tui.local import connect_local
 
         connect = functools.partial(connect_local, args.model)  # called with a progress callback

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from k2mlx.errors import CheckpointError
 
-__all__ = ["load", "load_model", "load_config", "load_args"]
+__all__ = ["load", "load_model", "load_config", "load_args", "preflight"]
 
 
 def load_config(path: str | Path) -> dict:
@@ -168,6 +168,17 @@ def _materialize(model) -> None:
         for m in parts:
             mx.eval(m.parameters())
             bar.advance(task)
+
+
+def preflight(path=None, layers=None) -> Path:
+    """What `load` checks before reading any weight, for a command that loads later (e.g. in a
+    UI thread): the resolved folder, a readable config and a tokenizer. Returns the folder."""
+    path = _resolve(path, layers)
+    load_args(path)
+    if not (path / "tiktoken.model").is_file():
+        raise CheckpointError("no tokenizer vocabulary (tiktoken.model) in the model folder",
+                              file=str(path / "tiktoken.model"))
+    return path
 
 
 def load(path=None, layers=None, dtype=None, lazy: bool = False, **quantize):

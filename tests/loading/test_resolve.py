@@ -192,3 +192,10 @@ def test_download_verifies_the_stage_it_fetched(hub, four_shards):
     r = k2mlx_cli("download", "org/tiny-k2", "--quiet", env=env)
     assert r.returncode == 1 and "2 shard file(s) are still missing" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_chat_without_tokenizer_fails_before_the_app_opens(no_tokenizer):
+    r = k2mlx_cli("chat", "--model", str(no_tokenizer), timeout=120)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tiktoken.model" in lines[0], r.stderr
