@@ -55,6 +55,23 @@ def KVCache():  # noqa: N802 (stands in for the class)
     return cls()
 
 
+def kv_cache_holding(keys, values):
+    """A KVCache holding exactly these keys/values [B, H, T, D] (offset T, no spare capacity)."""
+    c = KVCache()
+    c.keys, c.values, c.offset = keys, values, int(keys.shape[2])
+    return c
+
+
+def kv_of(cache) -> tuple | None:
+    """(keys, values) [B, H, offset, D] of a plain KVCache, or None for any other layer cache
+    (a pipeline's stand-in for another rank's layer, a rotating or quantized cache)."""
+    from mlx_lm.models.cache import KVCache as cls
+
+    if type(cache) is not cls or cache.keys is None or cache.values is None or not isinstance(cache.offset, int):
+        return None
+    return cache.keys[..., :cache.offset, :], cache.values[..., :cache.offset, :]
+
+
 def is_layer_cache(value) -> bool:
     """True for any of mlx-lm's per-layer cache objects (their common base is private)."""
     from mlx_lm.models.cache import _BaseCache
@@ -218,6 +235,13 @@ def problems() -> list[str]:
         if wanted - fields:
             out.append(f"{cls}.Response has no {', '.join(sorted(wanted - fields))}")
     _expect(out, "KVCache", attr(c, "KVCache"))
+    try:
+        fresh = importlib.import_module(c).KVCache()
+        lacking = [a for a in ("keys", "values", "offset") if not hasattr(fresh, a)]
+        if lacking:
+            out.append(f"KVCache has no {', '.join(lacking)}")
+    except (ImportError, AttributeError, TypeError) as e:
+        out.append(f"KVCache() failed ({e})")
     _expect(out, "_BaseCache", attr(c, "_BaseCache"))
     _expect(out, "LRUPromptCache", attr(c, "LRUPromptCache"), ("max_size", "max_bytes"))
     _expect(out, "LRUPromptCache.fetch_nearest_cache", attr(c, "LRUPromptCache", "fetch_nearest_cache"),

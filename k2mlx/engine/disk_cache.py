@@ -95,12 +95,14 @@ def _pid_alive(pid: int) -> bool:
 def kv_arrays(cache) -> list[tuple] | None:
     """Per layer (keys, values) [1, 1, T, D] of an extracted per-sequence cache, or None when a
     layer is not a plain local KV cache (a pipeline's stand-in for another rank's layer)."""
+    from k2mlx.mlxlm_adapter import kv_of
+
     out = []
     for c in cache:
-        keys, values, offset = getattr(c, "keys", None), getattr(c, "values", None), getattr(c, "offset", None)
-        if type(c).__name__ != "KVCache" or keys is None or values is None or not isinstance(offset, int):
+        kv = kv_of(c)
+        if kv is None:
             return None
-        out.append((keys[..., :offset, :], values[..., :offset, :]))
+        out.append(kv)
     return out
 
 
@@ -108,14 +110,9 @@ def kv_caches(kv: list[tuple]) -> list:
     """Per-layer caches holding exactly these (keys, values). They have no spare capacity, so the
     first new token makes new arrays: two caches built from the same arrays never write into
     each other."""
-    from k2mlx.mlxlm_adapter import KVCache
+    from k2mlx.mlxlm_adapter import kv_cache_holding
 
-    caches = []
-    for keys, values in kv:
-        c = KVCache()
-        c.keys, c.values, c.offset = keys, values, int(keys.shape[2])
-        caches.append(c)
-    return caches
+    return [kv_cache_holding(keys, values) for keys, values in kv]
 
 
 class BadBlock(Exception):
