@@ -33,5 +33,7 @@ def tensor_plan(plan: dict, margs, memories_gb: list[float], bits: int, group_si
                       "num_layers": margs.num_hidden_layers, "share": f"1/{n}", "weight_bytes": weights,
                       "kv_bytes": kv, "bytes": weights + kv, "usable_bytes": usable,
                       "wired_limit_mb": wired_limit_mb(mem), "fits": weights + kv <= usable,
-                      "headroom_bytes": usable - weights - kv})
-    return {**plan, "parallel": "tensor", "hosts": hosts, "fits": all(h["fits"] for h in hosts)}
+                      "headroom_bytes": max(0, usable - weights - kv),  # never negative, as in make_plan
+                      "short_bytes": max(0, weights + kv - usable)})
+    return {**plan, "parallel": "tensor", "hosts": hosts, "fits": all(h["fits"] for h in hosts),
+            "short_bytes": sum(h["short_bytes"] for h in hosts)}

@@ -182,16 +182,18 @@ def _argparse_error(capsys, argv) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("memory", ["2", "256", "2,512"])
-def test_plan_that_does_not_fit_says_by_how_much_and_prints_nothing_negative(memory, capsys):
-    assert main(["plan", "--model", FIXTURE_CONFIG, "--memory", memory]) == 2
+@pytest.mark.parametrize("memory,parallel", [("2", "pipeline"), ("256", "pipeline"), ("2,512", "pipeline"),
+                                             ("2,512", "tensor")])
+def test_plan_that_does_not_fit_says_by_how_much_and_prints_nothing_negative(memory, parallel, capsys):
+    argv = ["plan", "--model", FIXTURE_CONFIG, "--memory", memory, "--parallel", parallel]
+    assert main(argv) == 2
     out = capsys.readouterr().out
     assert not re.search(r"-\d", out), out  # was "usable -2040109465 B" and "wired_limit_mb=-2048"
     verdict = next(line for line in out.splitlines() if "does not fit" in line)
     assert re.search(r"\d[\d,.]* (GiB|MiB) short in all \(host \d needs", verdict), verdict
     if memory.split(",")[0] == "2":
         assert "host 0: 2 GB is all kept for macOS" in out
-    assert main(["plan", "--model", FIXTURE_CONFIG, "--memory", memory, "--json"]) == 0
+    assert main([*argv, "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
     numbers = [v for h in p["hosts"] for v in h.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     assert min(numbers) >= 0 and p["short_bytes"] > 0 and not p["fits"]
