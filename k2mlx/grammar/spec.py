@@ -53,6 +53,9 @@ def lit(s: str) -> str:
 # Unbounded integers are generated within JSON's safe range (what JavaScript and most parsers
 # read exactly); a sampled reply cannot then grow digits forever. The output still validates.
 SAFE_INT = 2**53 - 1
+# Whitespace allowed between JSON tokens: K2 writes `json.dumps` style (`{"a": 1}`) and may
+# pretty-print; compact-only JSON pushed k2-nano off its training (0/60 right calls, measured).
+WHITESPACE_RUN = 24
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _LITERALS = ("enum", "const", "default", "examples")  # values, not schemas: never rewritten
 
@@ -76,15 +79,17 @@ def bound_integers(schema: Any, depth: int = 0) -> Any:
 
 
 def json_rule(schema: Any, strict: bool) -> str:
-    """`%json {...}` with the options every constrained JSON shares: compact separators (no
-    free whitespace, so a sampled reply cannot pad forever) and, unless strict, keywords
-    llguidance cannot enforce ignored rather than refused."""
+    """`%json {...}` with the options every constrained JSON shares: whitespace as models write
+    it (`{"a": 1}`, pretty-printed, or compact) but at most WHITESPACE_RUN characters between two
+    tokens of JSON, so a sampled reply cannot pad forever; and, unless strict, keywords llguidance
+    cannot enforce ignored rather than refused."""
     if schema is True or schema is None:
         schema = {}
     if not isinstance(schema, dict):
         raise TypeError("a JSON schema must be an object")
     schema = bound_integers(schema)
-    schema["x-guidance"] = {"whitespace_flexible": False, "lenient": not strict}
+    schema["x-guidance"] = {"whitespace_flexible": True, "whitespace_pattern": f"[\\x20\\x0A\\x0D\\x09]{{0,{WHITESPACE_RUN}}}",
+                            "lenient": not strict}
     return "%json " + json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
 
 

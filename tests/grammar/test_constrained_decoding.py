@@ -112,13 +112,14 @@ def test_auto_tool_calls_are_declared_and_valid(engine):
     bias = {sp["<|tool_calls_section_begin|>"]: 6.0}  # make a call likely from a random model
     calls = 0
     for seed in range(6):
-        events = list(engine.generate(chat(seed=seed, n=120, tools=TOOLS, bias=bias)))
+        events = list(engine.generate(chat(seed=seed, n=200, tools=TOOLS, bias=bias)))
         for e in events:
             if isinstance(e, ToolCallEnd):
                 calls += 1
                 begin = next(b for b in events if isinstance(b, ToolCallBegin) and b.index == e.index)
                 jsonschema.validate(json.loads(e.arguments), PARAMS[begin.name])
-        assert not [e for e in events if isinstance(e, ParseWarning)]
+        if events[-1].finish_reason != "length":  # (a call cut off by max_tokens is reported as such)
+            assert not [e for e in events if isinstance(e, ParseWarning)]
     assert calls >= 3
 
 

@@ -11,7 +11,7 @@ import pytest
 from k2mlx.errors import RequestError
 from k2mlx.grammar import compile as gc
 from k2mlx.grammar.plan import parse_response_format, reply_spec
-from k2mlx.grammar.spec import SAFE_INT, ReplySpec, Tool, bound_integers, json_rule, to_lark
+from k2mlx.grammar.spec import SAFE_INT, WHITESPACE_RUN, ReplySpec, Tool, bound_integers, json_rule, to_lark
 
 SB, SE = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CB, AB, CE = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
@@ -40,9 +40,10 @@ def test_json_schema_grammar(tiny_tokenizer):
     spec = ReplySpec(content={"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 5},
                                                                "tag": {"enum": ["a", "b"]}},
                               "required": ["n", "tag"], "additionalProperties": False})
-    assert accepts(tiny_tokenizer, spec, '{"n":3,"tag":"b"}')
+    for good in ('{"n":3,"tag":"b"}', '{"n": 3, "tag": "b"}', '{\n  "n": 3,\n  "tag": "b"\n}'):
+        assert accepts(tiny_tokenizer, spec, good), good
     for bad in ('{"n":9,"tag":"b"}', '{"n":3}', '{"n":3,"tag":"c"}', '{"n":3,"tag":"b","x":1}', 'hi {"n":3,"tag":"b"}',
-                '{"n": 3, "tag": "b"}'):  # compact separators: no free whitespace to pad with
+                '{"n":' + " " * (WHITESPACE_RUN + 1) + '3,"tag":"b"}'):  # whitespace is bounded: no padding forever
         assert not accepts(tiny_tokenizer, spec, bad), bad
 
 
@@ -115,7 +116,7 @@ def test_unsupported_keywords_are_a_400_naming_them(tiny_tokenizer, schema, keyw
     assert e.value.param == "response_format" and keyword in str(e.value) and "cannot enforce" in str(e.value)
     # not strict: the keyword is ignored (logged), everything else still enforced
     assert accepts(tiny_tokenizer, f"start: {json_rule(schema, False)}\n", json.dumps(
-        [1, 1] if "items" in schema else ({"a": 1} if "properties" in schema else "abcdef"), separators=(",", ":")))
+        [1, 1] if "items" in schema else ({"a": 1} if "properties" in schema else "abcdef")))
 
 
 @pytest.mark.parametrize("schema", [{"type": "foo"}, {"$ref": "#/$defs/missing"}, {"type": "string", "pattern": "(a"},
