@@ -165,7 +165,8 @@ def test_planted_fifo_does_not_hang_the_tools(box):
 
 
 @pytest.mark.parametrize("args,why", [({"offset": -1}, "offset"), ({"limit": "ten"}, "limit"),
-                                      ({"offset": True}, "offset"), ({"limit": 2.5}, "limit")])
+                                      ({"offset": True}, "offset"), ({"limit": 2.5}, "limit"),
+                                      ({"offset": float("inf")}, "offset"), ({"limit": float("nan")}, "limit")])
 def test_read_file_rejects_bad_ranges(box, args, why):
     ws, _, reg = box
     (ws / "a.txt").write_text("a\n")

@@ -9,6 +9,7 @@ import codecs
 import difflib
 import fnmatch
 import logging
+import math
 import os
 import re
 import stat
@@ -208,7 +209,8 @@ def builtin_tools(ws: Workspace, *, shell_timeout: float = 30.0, sandbox: Sandbo
         value = args.get(key)
         if value is None:
             return 0
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value != int(value) or value < 0):
             raise ToolRefused(f"'{key}' must be a whole number >= 0, got {value!r}")
         return int(value)
 
