@@ -130,6 +130,9 @@ def source_file(param: str, index: dict[str, str]) -> str | None:
         base, rest = param.split(".switch_mlp.", 1)
         candidates += [f"{base}.experts.0.{rest}", f"{base}.experts.gate_up_proj",
                        f"{base}.experts.down_proj"]
+    # compressed-tensors INT4 stores a quantized module as weight_packed + weight_scale
+    for suffix, stored in ((".weight", ".weight_packed"), (".scales", ".weight_scale"), (".biases", ".weight_scale")):
+        candidates += [c[: -len(suffix)] + stored for c in list(candidates) if c.endswith(suffix)]
     for c in candidates:
         if c in index:
             return index[c]

@@ -116,3 +116,19 @@ def test_check_passes_on_the_tiny_release_form(name, family_cases):
     r = check(family_cases[0][name])
     # the fixtures carry no tokenizer; everything about the weights is clean
     assert [x.split(":")[0] for x in r.faults] == ["missing tokenizer", "missing chat template"], r.faults
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_check_names_only_the_truncated_int4_shard(name, family_cases, tmp_path):
+    """The experts of a truncated shard are not also reported missing (their stacked names map
+    back to the per-expert weight_packed tensors of that shard)."""
+    import shutil
+
+    from k2mlx.loading.check import check
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(family_cases[0][name], d)
+    f = d / "model-layer01.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    faults = [x for x in check(d).faults if not x.startswith(("missing tokenizer", "missing chat template"))]
+    assert len(faults) == 1 and faults[0].startswith("truncated shard: model-layer01.safetensors"), faults
