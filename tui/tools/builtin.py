@@ -264,6 +264,8 @@ def builtin_tools(ws: Workspace, *, shell_timeout: float = 30.0, sandbox: Sandbo
         except re.error as e:
             return ToolResult("error", f"bad regular expression: {e}")
         include = args.get("include")
+        if include is not None and not isinstance(include, str):
+            raise ToolRefused(f"'include' must be a glob string such as '*.py', got {include!r}")
         hits = []
 
         def search(fd: int, shown: str) -> bool:

@@ -30,7 +30,9 @@ class Workspace:
     @contextmanager
     def open(self, path: str, final: str, *, what: str = "path", create: bool = False):
         """A `safefs.Walk` of `path` (final: "file", "dir", "any", "parent"); ToolRefused if it leads out."""
-        if not isinstance(path, str) or not path.strip():
+        if not isinstance(path, str):
+            raise ToolRefused(f"{what} must be a string, got {type(path).__name__}")
+        if not path.strip():
             raise ToolRefused(f"{what} is empty")
         try:
             with self.safe.walk(os.path.expanduser(path.strip()), final, create) as w:
