@@ -221,3 +221,17 @@ assert r.status == "ok" and len(r.output) < 61_000 and "cut at" in r.output
 def test_tool_specs_round_trip(box):
     _, _, reg = box
     json.dumps(reg.specs())
+
+
+def test_absolute_path_through_a_link_above_the_workspace(tmp_path):
+    """macOS /var -> /private/var: the workspace's own path spelled through a link still works."""
+    real = tmp_path / "real_ws"
+    real.mkdir()
+    (real / "a.txt").write_text("here\n")
+    os.symlink(real, tmp_path / "alias_ws")
+    reg = ToolRegistry(builtin_tools(Workspace(tmp_path / "alias_ws"), sandbox=NONE))
+    assert run(reg, "read_file", path=str(tmp_path / "alias_ws" / "a.txt")).output == "here\n"
+    w = run(reg, "write_file", path=str(tmp_path / "alias_ws" / "b.txt"), content="b")
+    assert w.status == "ok" and (real / "b.txt").read_text() == "b"
+    r = run(reg, "read_file", path=str(tmp_path / "alias_ws" / ".." / "real_ws" / ".." / "x"))
+    assert r.status == "refused"
