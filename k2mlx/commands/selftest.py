@@ -252,7 +252,8 @@ def run_bench(args) -> int:
     for col in ["model", *[f"{p} tok/s" for p in paths], "auto chose"]:
         table.add_column(col, justify="right" if col.endswith("tok/s") else "left")
     for r in res["models"]:
-        table.add_row(r["model"], *[f"{r['tok_s'][p]:.2f}" for p in paths], r["auto"])
+        table.add_row(r["model"], *["-" if r["tok_s"][p] is None else f"{r['tok_s'][p]:.2f}" for p in paths],
+                      r["auto"])
     console.print(table)
     for r in res["models"]:
         console.print(f"{r['model']}: {r['why']}", soft_wrap=True)

@@ -106,8 +106,9 @@ def bench(model_path: str, layers=None, experts=None, steps=None) -> dict:
     import mlx.core as mx
 
     from k2mlx import load
+    from k2mlx.errors import K2Error
     from k2mlx.kernels.launch import gpu_backend
-    from k2mlx.kernels.policy import configure
+    from k2mlx.kernels.policy import configure, moe_layers
 
     gpu = gpu_backend() is not None
     layers = layers or (4 if gpu else 1)
@@ -126,13 +127,23 @@ def bench(model_path: str, layers=None, experts=None, steps=None) -> dict:
                        (f"K2 stack {layers}L E{experts} {dname}", stack, steps)):
         plan = configure(m, "auto")
         chosen = "; ".join(f"{d.experts}/{d.router} ({d.source})" for d in plan.decisions)
-        rates = {}
+        rates, notes = {}, []
         for path in paths_here():
-            configure(m, path)
-            rates[path] = decode_rate(m, n)
+            try:
+                configure(m, path)
+            except K2Error as e:  # e.g. the kernels cannot run these weights
+                rates[path] = None
+                notes.append(f"{path}: {e}")
+                continue
+            rate = decode_rate(m, n)
+            layers_ = [moe.plan for _, moe in moe_layers(m)]
+            # a kernel that failed at its first call fell back to switch: not the kernel's rate
+            rates[path] = rate if path != "kernel" or all(p.experts_ran for p in layers_) else None
+            if rates[path] is None:
+                notes.append("kernel: fell back to switch at its first call (see the warning)")
         configure(m, "auto")
-        out["models"].append({"model": name, "auto": chosen, "why": plan.summary(), "tok_s": rates,
-                              "steps": n})
+        out["models"].append({"model": name, "auto": chosen, "why": "; ".join([plan.summary(), *notes]),
+                              "tok_s": rates, "steps": n})
     del stack
     mx.clear_cache()
     return out
