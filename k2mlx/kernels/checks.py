@@ -3,7 +3,7 @@
 
 Cases are small K2-shaped routed experts (affine 4-bit, the MLX layout that
 QuantizedSwitchLinear holds) with an expert chosen by every token and one chosen by none.
-Imports dispatch, launch, router and reference only (policy imports this module, never the reverse)."""
+Imports dispatch, launch, router and reference; only tests, scripts and `k2mlx selftest` import it."""
 from __future__ import annotations
 
 import mlx.core as mx
