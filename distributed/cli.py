@@ -45,7 +45,7 @@ def ssh_opts() -> list[str]:
 
 def resolve_model(model: str | None) -> str:
     if model is None:
-        from k2mlx.tiny import default_model_path
+        from k2mlx.loading.resolve import default_model_path
 
         return str(default_model_path())
     if os.path.isdir(os.path.expanduser(model)):

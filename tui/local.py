@@ -40,7 +40,7 @@ class LocalServer:
 
         path = self.model_path
         if path is None:
-            from k2mlx.tiny import default_model_path
+            from k2mlx.loading.resolve import default_model_path
 
             status("preparing the default model")
             path = default_model_path()

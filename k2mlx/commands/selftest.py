@@ -127,7 +127,7 @@ def _backend_checks(backend: str):
 def _model_path(args):
     if args.model:
         return args.model
-    from k2mlx.tiny import default_model_path
+    from k2mlx.loading.resolve import default_model_path
 
     return str(default_model_path())
 

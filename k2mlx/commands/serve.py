@@ -167,7 +167,7 @@ def run(args) -> int:
 
     path = args.model
     if path is None:
-        from k2mlx.tiny import default_model_path
+        from k2mlx.loading.resolve import default_model_path
 
         path = str(default_model_path())
     from k2mlx import load
