@@ -77,7 +77,8 @@ def _private_folder(folder: Path, *, tighten: bool) -> None:
 def _private_file(path: Path) -> None:
     """The database file exists as 0600 before SQLite opens it (SQLite gives its -wal and -shm
     files the database's permissions)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o600)
+    # a symlinked database (the user's own choice) is followed; only a file we own is chmod-ed
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
         if os.fstat(fd).st_uid == os.getuid():
             os.fchmod(fd, 0o600)
