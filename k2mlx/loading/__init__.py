@@ -187,8 +187,10 @@ def load(path=None, layers=None, dtype=None, lazy: bool = False, **quantize):
     (`tiktoken.model`) is a CheckpointError naming the file, raised before any weight is read
     (`load_model` loads the model alone). `quantize`: bits, group_size, class_bits, as in
     load_model."""
+    from k2mlx.mlxlm_adapter import require
     from k2mlx.tokenizer import load_tokenizer
 
+    require()  # inference runs on mlx-lm's internals: a renamed one fails here, before the weights load
     path = _resolve(path, layers)
     tokenizer = load_tokenizer(path)  # first: a missing tokenizer fails before minutes of loading
     model = load_model(path, layers=layers, dtype=dtype, lazy=lazy, **quantize)

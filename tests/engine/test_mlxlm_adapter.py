@@ -95,3 +95,22 @@ def test_a_renamed_response_field_is_reported(monkeypatch):
 
     monkeypatch.setattr(PromptProcessingBatch, "Response", Response)
     assert "PromptProcessingBatch.Response has no progress" in adapter.problems()
+
+
+def test_a_mismatch_fails_before_any_weight_is_read(monkeypatch, tiny_checkpoint):
+    """load() checks first: a renamed internal is reported before minutes of loading a real K2."""
+    import mlx_lm.models.cache as cache
+
+    import k2mlx.loading as loading
+
+    def never(*a, **k):
+        raise AssertionError("weights were read before the mlx-lm check")
+
+    monkeypatch.delattr(cache, "trim_prompt_cache")
+    monkeypatch.setattr(loading, "load_model", never)
+    adapter.require.cache_clear()
+    try:
+        with pytest.raises(adapter.DependencyError, match="trim_prompt_cache is missing"):
+            loading.load(tiny_checkpoint)
+    finally:
+        adapter.require.cache_clear()
