@@ -289,6 +289,14 @@ def test_temp_out_of_range_names_the_flag(capsys):
 def test_serve_negative_cache_is_refused(capsys):
     line = _argparse_error(capsys, ["serve", "--cache-gb", "-1"])
     assert line == "k2mlx serve: error: argument --cache-gb: must be at least 0, got -1"
+    assert "argument --max-batch: must be at least 1" in _argparse_error(capsys, ["serve", "--max-batch", "0"])
+    assert "argument --default-max-tokens" in _argparse_error(capsys, ["serve", "--default-max-tokens", "-5"])
+
+
+def test_chat_flags_name_themselves(capsys):
+    line = _argparse_error(capsys, ["chat", "--temp", "-1"])
+    assert line == "k2mlx chat: error: argument --temp: must be between 0 and 2, got -1"
+    assert "argument --max-tokens" in _argparse_error(capsys, ["chat", "--max-tokens", "0"])
 
 
 def test_a_one_token_reply_prints_no_zero_rate(tiny_checkpoint, capsys):

@@ -26,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const="latest", metavar="ID",
                         help="resume the latest session, or the session ID")
     parser.add_argument("--system", metavar="TEXT", help="system prompt")
-    parser.add_argument("--temp", type=float, default=0.6, help="sampling temperature (default 0.6)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="cap on each reply's length")
+    from k2mlx.commands.flags import number
+
+    parser.add_argument("--temp", type=number(0, 2), default=0.6, help="sampling temperature, 0..2 (default 0.6)")
+    parser.add_argument("--max-tokens", type=number(1, kind=int), default=None, help="cap on each reply's length")
     parser.add_argument("--mcp-config", metavar="FILE",
                         help="MCP servers file (default ~/.config/k2mlx/mcp.json: {\"mcpServers\": {...}})")
     parser.add_argument("--sessions-db", metavar="FILE", help="SQLite file for sessions "

@@ -23,11 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-timeout", type=float, default=20.0, metavar="SECONDS",
                         help="a client must send a request's headers, and then its body, within this many seconds "
                         "each (default 20)")
-    parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
-    parser.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: folder name)")
     from k2mlx.commands.flags import number
 
-    parser.add_argument("--cache-gb", type=number(0), default=2.0, help="prefix cache size in GB (default 2; 0 disables)")
+    parser.add_argument("--max-batch", type=number(1, kind=int), default=8,
+                        help="sequences decoded together (default 8)")
+    parser.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: folder name)")
+    parser.add_argument("--cache-gb", type=number(0), default=2.0,
+                        help="prefix cache size in GB (default 2; 0 disables)")
     parser.add_argument("--prompt-cache-dir", metavar="DIR", default=None,
                         help="keep prompt prefixes' KV caches on disk here, so a restart does not prefill a long "
                         "system prompt again (default ~/.cache/k2mlx/prompt-cache; about 70 KB per token for K2)")
@@ -35,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="disk budget of the prompt cache in GB, least recently used evicted (default 20; "
                         "0 turns the disk cache off)")
     parser.add_argument("--no-prompt-cache", action="store_true", help="no prompt cache on disk")
-    parser.add_argument("--default-max-tokens", type=int, default=2048,
+    parser.add_argument("--default-max-tokens", type=number(1, kind=int), default=2048,
                         help="completion limit when a request sets none (default 2048)")
     parser.add_argument("--hosts", help="run as a pipeline over these hosts: a comma list (rank order) or a "
                         "cluster file; see `k2mlx cluster`")
