@@ -217,3 +217,60 @@ def test_each_rank_reads_only_its_slices(tmp_path):
     ranks = json.loads((tmp_path / "mem.json").read_text())["peak_rss"]
     assert len(ranks) == 2 and all(ranks)
     assert max(ranks) < 0.7 * one, f"ranks {[r / 1e6 for r in ranks]} MB vs one process {one / 1e6:.0f} MB"
+
+
+@pytest.fixture(scope="module")
+def int4_checkpoint(tmp_path_factory):
+    """K2-Thinking-style compressed-tensors INT4 routed experts (packed int32 codes, bf16 group
+    scales, the logical shape), written from a float nano checkpoint; the rest stays float."""
+    import shutil
+
+    from k2mlx.loading.formats import compressed_tensors as ct
+    from k2mlx.loading.formats.writer import to_numpy, write_safetensors
+    from k2mlx.tiny import make_tiny_checkpoint
+
+    src = make_tiny_checkpoint(tmp_path_factory.mktemp("k2-wide-f"), preset="nano", dtype="float32", seed=3,
+                               moe_intermediate_size=64, intermediate_size=128)
+    dst = tmp_path_factory.mktemp("k2-int4") / "int4"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    weight_map = {}
+    for f in sorted(src.glob("*.safetensors")):
+        out = {}
+        for name, w in mx.load(str(f)).items():
+            if ".mlp.experts." in name and name.endswith(".weight"):
+                rows, cols = w.shape
+                amax = mx.abs(w).reshape(rows, cols // 32, 32).max(-1)
+                scale = (amax / 7).astype(mx.bfloat16)
+                codes = mx.clip(mx.round(w.reshape(rows, cols // 32, 32) / scale[..., None].astype(mx.float32)), -8, 7)
+                base = name[: -len(".weight")]
+                out[base + ".weight_packed"] = (ct.pack_numpy(np.array(codes.reshape(rows, cols)).astype(np.int64)), "I32")
+                out[base + ".weight_scale"] = to_numpy(scale)
+                out[base + ".weight_shape"] = (np.array([rows, cols], np.int64), "I64")
+            else:
+                out[name] = to_numpy(w)
+        write_safetensors(dst / f.name, out)
+        weight_map.update({k: f.name for k in out})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 4, "group_size": 32, "symmetric": True, "strategy": "group", "type": "int",
+            "dynamic": False}}},
+        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"]}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=1))
+    return dst
+
+
+def test_int4_compressed_tensors_read_in_slices_match_single_process(int4_checkpoint, tmp_path):
+    from k2mlx.distributed.slices import load_shard
+
+    model = _load(int4_checkpoint)  # the loader's own INT4 path, whole, in one process
+    assert "scales" in model.layers[1].mlp.switch_mlp.down_proj
+    half, _ = load_shard(int4_checkpoint, 1, 2, None)  # sliced straight from the packed words
+    assert half.layers[1].mlp.inner.switch_mlp.down_proj["weight"].shape[-1] * 2 == \
+        model.layers[1].mlp.switch_mlp.down_proj["weight"].shape[-1]
+    args = {"prompts": PROMPTS[:2], "steps": 4}
+    reference(model, "greedy_logits", {**args, "out": str(tmp_path / "ref.npz")})
+    launch_tp(int4_checkpoint, "greedy_logits", {**args, "out": str(tmp_path / "tp.npz")})
+    compare(tmp_path / "ref.npz", tmp_path / "tp.npz")
