@@ -8,7 +8,9 @@ K2 marks structure with special tokens, which the model normally emits as single
 
 The same markers spelled out as text (a fine-tune or a quantized model writing them as ordinary
 BPE pieces, or text fed with `feed_bytes`) are recognised too, and so is the singular spelling
-`<|tool_call_section_begin|>` / `<|tool_call_section_end|>` that some K2 derivatives use. Text is
+`<|tool_call_section_begin|>` / `<|tool_call_section_end|>` that some K2 derivatives use; inside a
+JSON string of a call's arguments only the special token counts (a file that mentions the
+markers stays content). Text is
 decoded incrementally (a token may end inside a character) and text that could still become a
 marker is held back until it is decided, so the events, once consecutive deltas are merged, are
 identical for every chunking: whole, one token at a time, or one byte at a time.
@@ -153,6 +155,7 @@ class StreamParser:
         self._mode = STREAM
         self._begun = False  # ToolCallBegin of the open call already sent
         self._announced = False  # argument text of the open call already streamed
+        self._in_string = self._escaped = False  # where the open call's JSON arguments are
         self._call: tuple[int, str, str] | None = None  # (index, id, name) of an announced call
         self._raw: list[str] = []  # the open section's raw text, for warnings
 
@@ -219,7 +222,12 @@ class StreamParser:
             if m is None:
                 break
             self._text(s[: m.start()], out)
-            self._marker(self._text_markers[m.group(0)], out)
+            if self.state == ARGS and self._in_string:
+                # marker text inside a JSON string of the arguments (a file that mentions K2's
+                # markers) is content; only the special token itself would end the call there
+                self._text(m.group(0), out)
+            else:
+                self._marker(self._text_markers[m.group(0)], out)
             s = s[m.end() :]
         # hold back the longest tail that could still grow into a marker
         cut = s.rfind("<", max(0, len(s) - 32))
@@ -248,6 +256,14 @@ class StreamParser:
 
     def _args_text(self, s: str, out: list) -> None:
         self._buf += s
+        if '"' in s or "\\" in s or self._escaped:
+            for ch in s:  # track whether the arguments are inside a JSON string
+                if self._escaped:
+                    self._escaped = False
+                elif ch == "\\":
+                    self._escaped = self._in_string
+                elif ch == '"':
+                    self._in_string = not self._in_string
         if self._mode == STREAM and not self._announced:
             # decide at the first non-blank character: a JSON-encoded string is held to unwrap it
             body = self._buf.lstrip()
@@ -331,7 +347,7 @@ class StreamParser:
     def _begin_call(self, out: list) -> None:
         raw_id = self._buf.strip()
         self._id, self._buf, self.state = raw_id, "", ARGS
-        self._announced = self._begun = False
+        self._announced = self._begun = self._in_string = self._escaped = False
         self._raw.append(ARG_BEGIN)
         self._call = None
         name = self._name_of(raw_id)

@@ -167,3 +167,18 @@ def test_arguments_as_a_json_encoded_string(tiny_tokenizer):
     # a plain JSON string that holds no JSON is left as it is
     ev = run(tiny_tokenizer, SB + call("functions.get_weather:0", '"Rome"') + SE)
     assert ends_of(ev) == [ToolCallEnd(0, '"Rome"', True)]
+
+
+def test_marker_text_inside_argument_strings_is_content(think_tok):
+    """An agent writing a file that mentions K2's markers: the spelled-out markers inside the JSON
+    string stay in the arguments, for tokens and bytes alike; the real token still ends the call."""
+    content = f'x = "{CE}{SE}" \\" {CB}'
+    args = json.dumps({"path": "p.py", "content": content})
+    text = SB + call("functions.write_file:0", args) + SE
+    ids = think_tok.encode(SB + CB + "functions.write_file:0" + AB) + think_tok.encode(args, allow_special=False) \
+        + think_tok.encode(CE + SE)
+    ev = collapse(parse_all(think_tok, ids))
+    assert [e.arguments for e in ev if isinstance(e, ToolCallEnd)] == [args]
+    assert json.loads(args)["content"] == content
+    assert collapse(feed_chunks(think_tok, text.encode(), lambda: 1)) == ev
+    assert collapse(feed_chunks(think_tok, ids, lambda: 1)) == ev
