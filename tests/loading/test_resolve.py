@@ -199,3 +199,12 @@ def test_chat_without_tokenizer_fails_before_the_app_opens(no_tokenizer):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "tiktoken.model" in lines[0], r.stderr
+
+
+def test_generate_takes_a_repo_id(hub, four_shards):
+    hub_layout(hub, "org/tiny-k2", four_shards)
+    env = {"HF_HUB_CACHE": str(hub)}
+    r = k2mlx_cli("generate", "--model", "org/tiny-k2", "--prompt", "hi", "--max-tokens", "2", "--temp", "0", env=env)
+    assert r.returncode == 0, r.stderr
+    r = k2mlx_cli("generate", "--model", "org/absent", "--prompt", "hi", env=env)
+    assert r.returncode == 1 and r.stderr.strip().endswith("fetch it with: k2mlx download org/absent"), r.stderr
