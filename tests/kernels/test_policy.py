@@ -21,7 +21,7 @@ from k2mlx import load
 from k2mlx.errors import K2Error
 from k2mlx.kernels import cpp, dispatch, policy, probe
 from k2mlx.kernels.launch import gpu_backend
-from k2mlx.tiny import embedded_model_path
+from k2mlx.loading.resolve import embedded_model_path
 
 NANO = embedded_model_path()  # 4-bit group 32, hidden 192, 8 experts of 128, top-2, 3 MoE layers
 TOKENS = mx.array([[5, 17, 42, 99, 7, 3]])
