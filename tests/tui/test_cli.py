@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from k2mlx.cli import main
 
 
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):
-    assert main(["chat", "--temp", "5"]) == 1
-    assert "--temp must be between 0 and 2, got 5.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # an argparse flag error (k2mlx/commands/flags.py): usage + one line
+        main(["chat", "--temp", "5"])
+    assert e.value.code == 2 and "argument --temp: must be between 0 and 2, got 5" in capsys.readouterr().err
     assert main(["chat", "--workspace", str(tmp_path / "nope")]) == 1
     assert f"--workspace {tmp_path / 'nope'} is not a folder" in capsys.readouterr().err
     bad = tmp_path / "mcp.json"
