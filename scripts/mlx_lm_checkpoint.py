@@ -71,13 +71,17 @@ def write_mlx_lm_checkpoint(folder, config: dict, bits: int | None = None, group
     overrides: {module path suffix: {"bits", "group_size"} | False}, handed to mlx-lm's
     quantize_model as its quant_predicate (mlx-lm records them per module in config.json).
     vision_tensor: add a `vision_tower.*` tensor (kimi_k25 uploads hold one; loaders drop it)."""
+    import importlib
+
     import mlx.core as mx
-    from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
+    from mlx_lm.utils import quantize_model, save_config, save_model
 
     folder = Path(folder)
     config = json.loads(json.dumps(config))
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
+    # mlx-lm runs kimi_k2 configs on its deepseek_v3 module (its MODEL_REMAPPING)
+    module = {"kimi_k2": "deepseek_v3"}.get(config["model_type"], config["model_type"])
+    arch = importlib.import_module(f"mlx_lm.models.{module}")
+    model = arch.Model(arch.ModelArgs.from_dict(config))
     _randomize(model, seed, getattr(mx, dtype))
     if bits is not None:
         def predicate(path, module):
