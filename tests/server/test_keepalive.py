@@ -82,3 +82,18 @@ def test_anthropic_stream_pings_during_a_long_prefill(server, tiny_tokenizer, lo
                                                            "max_tokens": 2, "stream": True})
     check(chunks, first, b"event: ping\ndata: {\"type\": \"ping\"}\n\n")
     assert b"message_start" in chunks[0][1] and b"message_stop" in chunks[-1][1]
+
+
+async def test_cluster_status_carries_the_prefill_list(engine):
+    """GET /v1/cluster (on a pipeline) adds the engine's prefill progress to the health snapshot."""
+    from k2mlx.server import create_app
+
+    engine.cluster_status = lambda: {"ranks": [{"rank": 0, "host": "mac1"}]}  # what health.snapshot gives
+    try:
+        app = create_app(engine)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            body = (await c.get("/v1/cluster")).json()
+            health = (await c.get("/health")).json()
+    finally:
+        del engine.cluster_status
+    assert body["ranks"][0]["host"] == "mac1" and body["prefill"] == [] and health["prefill"] == []
