@@ -97,3 +97,29 @@ async def test_cluster_status_carries_the_prefill_list(engine):
     finally:
         del engine.cluster_status
     assert body["ranks"][0]["host"] == "mac1" and body["prefill"] == [] and health["prefill"] == []
+
+
+def test_disconnect_during_prefill_frees_the_slot(server, tiny_tokenizer):
+    """A client that leaves while its long prompt is being read is cancelled at once: its next
+    keep-alive finds the connection gone, and the engine drops the request at its next chunk."""
+    from k2serve_util import metric
+
+    rng = random.Random(99)
+    ids = [rng.randrange(0, tiny_tokenizer.num_base_tokens) for _ in range(2 * PROMPT_TOKENS)]  # ~20 s to read
+    cancelled = metric(server, "k2mlx_requests_finished_total", 'reason="cancelled"')
+    with httpx.stream("POST", server + "/v1/completions", json={"prompt": ids, "max_tokens": 2, "stream": True},
+                      timeout=60) as r:
+        it = r.iter_raw()
+        assert next(it).startswith(b": ")  # the keep-alive sent at once
+        t0 = time.monotonic()
+        while not httpx.get(server + "/health", timeout=30).json()["prefill"] and time.monotonic() - t0 < 30:
+            time.sleep(0.1)  # until the engine is reading this prompt
+    t_left = time.monotonic()
+    while time.monotonic() - t_left < 8 and (metric(server, "k2mlx_active_slots") != 0 or
+                                              httpx.get(server + "/health", timeout=30).json()["prefill"]):
+        time.sleep(0.1)
+    freed = time.monotonic() - t_left
+    print(f"slot freed {freed:.2f} s after the client left")
+    assert metric(server, "k2mlx_active_slots") == 0, "the slot is still busy 8 s after the client left"
+    assert metric(server, "k2mlx_requests_finished_total", 'reason="cancelled"') == cancelled + 1
+    assert freed < 8
