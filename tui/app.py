@@ -455,7 +455,7 @@ class ChatApp(App):
             card.set_result(problem)
             return problem
         if self.policy.needs_prompt(tool):
-            self.status.set(state="approve? y/a/n")
+            self.status.set(state=f"approve? {card.keys}")
             decision = await card.ask()
             self.status.set(state="generating…")
             self.query_one(PromptInput).focus()

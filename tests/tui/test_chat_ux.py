@@ -183,6 +183,7 @@ async def test_approval_card_says_whether_run_shell_is_sandboxed(offline_app, wo
         card = await awaiting_card(pilot, app, tiny_tokenizer, ("run_shell", shell))
         assert "NO SANDBOX" in str(card.query_one(".tool-sandbox").render())
         assert not card.query("#always") and not card.query("#network")
+        assert app.status.state == "approve? y/n" and "Allow once [y]" in str(card.query_one("#once").label)
         await pilot.press("a")  # "always" is not on offer: nothing happens
         await pilot.pause(0.2)
         assert card.status == "awaiting" and not (workspace / "made.txt").exists()
@@ -203,6 +204,7 @@ async def test_approval_card_says_whether_run_shell_is_sandboxed(offline_app, wo
                     card = await awaiting_card(pilot, app, tiny_tokenizer, ("run_shell", connect))
                     assert box.kind in str(card.query_one(".tool-sandbox").render())
                     assert card.query("#always") and card.query("#network")
+                    assert app.status.state == "approve? y/w/a/n"
                     await pilot.press(key)
                     await wait_for(pilot, lambda: not app.generating, what="the turn to end")
                     assert card.status == status and server.hits == hits, (key, card.result)

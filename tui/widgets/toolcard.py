@@ -90,12 +90,13 @@ class ToolCard(Vertical, can_focus=True):
         yield diff
         with Horizontal(classes="approval"):
             yield Static("allow?", classes="ask")
-            yield Button("Allow once [y]", id="once", variant="success", compact=True)
+            # Text labels: "[y]" is the key to press, not markup
+            yield Button(Text("Allow once [y]"), id="once", variant="success", compact=True)
             if self.network_option:
-                yield Button("Once + network [w]", id="network", variant="warning", compact=True)
+                yield Button(Text("Once + network [w]"), id="network", variant="warning", compact=True)
             if not self.always_asks:
-                yield Button("Always [a]", id="always", variant="primary", compact=True)
-            yield Button("Deny [n]", id="deny", variant="error", compact=True)
+                yield Button(Text("Always [a]"), id="always", variant="primary", compact=True)
+            yield Button(Text("Deny [n]"), id="deny", variant="error", compact=True)
         result = Static("", classes="tool-result")
         result.display = False
         yield result
@@ -128,6 +129,12 @@ class ToolCard(Vertical, can_focus=True):
         self.add_class(f"-{status}")
         self.query_one(".tool-header", Static).update(self._header())
         self.query_one(".approval").display = status == "awaiting"
+
+    @property
+    def keys(self) -> str:
+        """The answer keys this card takes, for the status bar."""
+        return "/".join(k for k, on in (("y", True), ("w", self.network_option), ("a", not self.always_asks),
+                                        ("n", True)) if on)
 
     async def ask(self) -> Decision:
         """Show the approval bar and wait for the user's choice."""
