@@ -1,4 +1,5 @@
-"""Pipeline parallelism across hosts over `mx.distributed` (installed as `k2mlx.distributed`).
+"""Pipeline (default) or tensor parallelism across hosts over `mx.distributed` (installed as
+`k2mlx.distributed`).
 
 Modules
 - `hosts`: host parsing, cluster files, `ClusterSpec` (one JSON env var per rank).
@@ -9,6 +10,10 @@ Modules
 - `launch`: start/watch/stop ranks (local processes or `ssh -tt`); `python -m k2mlx.distributed.launch`.
 - `rank`: the entry point of one rank; `preflight`: ssh checks; `cli`: `--hosts` and `cluster`.
 - `scenarios`: engine-free rank-0 roles used by the tests and `scripts/bench_pipeline.py`.
+- `tensor`: `--parallel tensor` (1/N of every layer per rank, two all_sums per layer;
+  `TensorModel` on rank 0, lock-step workers); `slices`: each tensor rank reads only its slices;
+  `tensor_plan`: `k2mlx plan --parallel tensor`.
+- `state`: one state file per running cluster (claimed exclusively; `cluster status/down`).
 
 How the engine drives it (rank 0)
 - Unchanged: `PipelineModel` has `__call__(tokens, cache) -> logits` and `make_cache()`; mlx-lm's
