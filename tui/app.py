@@ -354,9 +354,15 @@ class ChatApp(App):
         self.last_deltas = 0  # how many pieces the reply arrived in (streaming, not one block)
         calls: dict[int, ToolCall] = {}
         done: Done | None = None
+        # while the prompt is read, the status bar shows how far (a long agent prompt takes minutes)
+        watch = asyncio.create_task(self._watch_prefill()) if self.backend is not None else None
         try:
             async with contextlib.aclosing(events) if hasattr(events, "aclose") else contextlib.nullcontext():
                 async for ev in events:
+                    if watch is not None:
+                        watch.cancel()
+                        watch = None
+                        self.status.set(state="generating…")
                     if isinstance(ev, TextDelta):
                         self.last_deltas += 1
                         msg.content += ev.text
@@ -382,6 +388,9 @@ class ChatApp(App):
             if msg.content or msg.reasoning:
                 self.add_message(msg)
             raise
+        finally:
+            if watch is not None:
+                watch.cancel()
         await view.finish()
         msg.tool_calls = [calls[i] for i in sorted(calls)]
         msg.finish_reason = done.finish_reason if done else "stop"
@@ -395,6 +404,19 @@ class ChatApp(App):
             await view.remove()  # the cards say it all
         self.add_message(msg)
         return msg
+
+    PREFILL_POLL_S = 1.0  # the first look comes after this long: short prompts never show it
+
+    async def _watch_prefill(self) -> None:
+        """Poll the server's prefill progress until the reply's first event arrives."""
+        while True:
+            await asyncio.sleep(self.PREFILL_POLL_S)
+            rows = await self.backend.prefill_status()
+            if rows:
+                r = max(rows, key=lambda x: x["total"])
+                eta = r.get("eta_s")
+                left = f", ~{eta:.0f} s left" if isinstance(eta, (int, float)) else ""
+                self.status.set(state=f"reading prompt {r['done']:,}/{r['total']:,} tokens{left}")
 
     def _record_stats(self, done: Done) -> None:
         t, u = done.timings, done.usage

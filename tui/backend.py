@@ -118,6 +118,24 @@ class Backend:
             return None  # the in-process server is never a cluster
         return await asyncio.to_thread(local_cluster_snapshot, self.base_url)
 
+    async def prefill_status(self) -> list[dict]:
+        """The prompts the server is reading now, from `GET /health` (`prefill`: tokens done,
+        total and an ETA per request); [] when it has none or does not say."""
+        import httpx
+
+        root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
+        try:
+            r = await self.client._client.get(f"{root}/health", timeout=2.0,
+                                              headers={"Authorization": f"Bearer {self.api_key}"})
+            data = r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return []
+        rows = data.get("prefill") if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            return []
+        return [x for x in rows if isinstance(x, dict) and isinstance(x.get("done"), int)
+                and isinstance(x.get("total"), int) and x["total"] > 0]
+
     async def stream(self, messages: list[dict], *, tools: list[dict] | None = None, temperature: float = 0.6,
                      max_tokens: int | None = None) -> AsyncIterator:
         """Yield TextDelta / ReasoningDelta / ToolCall* events and a final Done for one reply.
