@@ -11,6 +11,7 @@ Constrained:
 Everything else decodes free, with no grammar cost at all."""
 from __future__ import annotations
 
+import logging
 import os
 
 from k2mlx.errors import RequestError
@@ -19,6 +20,8 @@ from k2mlx.grammar.spec import END_THINK, THINK, TOOL_MARKERS, ReplySpec, Tool, 
 # Constrain tool calls under tool_choice "auto" too (see docs/BENCHMARKS.md for its cost).
 # K2MLX_CONSTRAIN_AUTO_TOOLS=0 switches it off for the process; read once at import.
 AUTO_TOOLS = os.environ.get("K2MLX_CONSTRAIN_AUTO_TOOLS", "1") != "0"
+log = logging.getLogger("k2mlx.grammar")
+_warned_missing = False
 
 
 def parse_response_format(rf) -> tuple[object, bool] | None:
@@ -100,9 +103,19 @@ def constraint_for(tokenizer, request, prompt: list[int], forced: list[int]):
     spec = reply_spec(tokenizer, request, prompt, forced)
     if spec is None:
         return None
-    from k2mlx.grammar.compile import compile_grammar
-    from k2mlx.grammar.processor import GrammarProcessor
-
+    try:
+        from k2mlx.grammar.compile import compile_grammar
+        from k2mlx.grammar.processor import GrammarProcessor
+        import llguidance  # noqa: F401
+    except ImportError as e:
+        if spec.content is None and spec.choice == "auto" and not any(t.strict for t in spec.tools):
+            global _warned_missing
+            if not _warned_missing:
+                _warned_missing = True
+                log.warning("llguidance is not installed: tool calls under auto are not constrained (%s)", e)
+            return None  # the default path keeps working; what the client asked for explicitly does not
+        raise RequestError("constrained decoding needs the llguidance package (pip install llguidance)",
+                           param="response_format" if spec.content is not None else "tool_choice") from e
     param = "response_format" if spec.content is not None and not spec.tools else "tools"
     try:
         lark = to_lark(spec)
