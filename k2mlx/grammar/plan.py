@@ -125,19 +125,22 @@ def constraint_for(tokenizer, request, prompt: list[int], forced: list[int]):
         proto = compile_grammar(tokenizer, lark, param)
     except RequestError as e:
         if spec.tools:
-            _blame_tool(tokenizer, spec, e)
+            _blame(tokenizer, spec, e)
         raise
     return GrammarProcessor(proto.deep_copy(), tokenizer.vocab_size, tokenizer.eos_token_ids)
 
 
-def _blame_tool(tokenizer, spec: ReplySpec, error: RequestError) -> None:
-    """On a refused grammar, compile each tool's schema alone to name the one at fault."""
+def _blame(tokenizer, spec: ReplySpec, error: RequestError) -> None:
+    """On a refused grammar with tools, compile the answer's schema and each tool's alone to name
+    the one at fault."""
     from k2mlx.grammar.compile import compile_grammar
     from k2mlx.grammar.spec import json_rule
 
-    for i, tool in enumerate(spec.tools):
+    parts = [("response_format", "response_format", spec.content, spec.content_strict)] if spec.content is not None else []
+    parts += [("tools", f"tools[{i}] ({t.name})", t.parameters or {"type": "object"}, t.strict)
+              for i, t in enumerate(spec.tools)]
+    for param, where, schema, strict in parts:
         try:
-            compile_grammar(tokenizer, f"start: {json_rule(tool.parameters or {'type': 'object'}, tool.strict)}\n",
-                            "tools")
+            compile_grammar(tokenizer, f"start: {json_rule(schema, strict)}\n", param)
         except RequestError as e:
-            raise RequestError(f"tools[{i}] ({tool.name}): {e}", param="tools") from error
+            raise RequestError(f"{where}: {e}", param=param) from error

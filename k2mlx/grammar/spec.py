@@ -107,7 +107,7 @@ def _call_rules(spec: ReplySpec, lines: list[str]) -> None:
 def to_lark(spec: ReplySpec) -> str:
     lines: list[str] = []
     if spec.forced == "call":  # the engine wrote `SB CB functions.NAME:0 AB`: only the arguments remain
-        (tool,) = [t for t in spec.tools if t.name == spec.choice]
+        tool = next(t for t in spec.tools if t.name == spec.choice)  # build_prompt checked it is declared
         lines.append(f"start: {json_rule(tool.parameters or ANY_OBJECT, tool.strict)} {CE} {SE}")
         return "\n".join(lines) + "\n"
     if spec.forced == "section":  # `SB` was forced: one or more declared calls, then the end

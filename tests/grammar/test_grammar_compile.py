@@ -176,3 +176,15 @@ def test_free_requests_get_no_grammar(tiny_tokenizer):
     tools = [{"type": "function", "function": {"name": "f"}}]
     assert reply_spec(tiny_tokenizer, GenerationRequest(messages=msgs, tools=tools, tool_choice="none"), [1], []) is None
     assert reply_spec(tiny_tokenizer, GenerationRequest(prompt="raw", response_format={"type": "json_object"}), [1], []) is None
+
+
+def test_a_bad_answer_schema_beside_tools_is_named_as_response_format(tiny_tokenizer):
+    from k2mlx.engine.request import GenerationRequest
+    from k2mlx.grammar.plan import constraint_for
+
+    req = GenerationRequest(messages=[{"role": "user", "content": "x"}], tools=[{"type": "function", "function": {
+        "name": "ok", "parameters": {"type": "object"}}}],
+        response_format={"type": "json_schema", "json_schema": {"schema": {"type": "array", "uniqueItems": True}}})
+    with pytest.raises(RequestError) as e:
+        constraint_for(tiny_tokenizer, req, [1], [])
+    assert e.value.param == "response_format" and "uniqueItems" in str(e.value)
