@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-timeout", type=float, default=20.0, metavar="SECONDS",
                         help="a client must send a request's headers, and then its body, within this many seconds "
                         "each (default 20)")
+    parser.add_argument("--write-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="drop a client that reads nothing of its reply for this long; its request is "
+                        "cancelled (default 60)")
     from k2mlx.commands.flags import number
 
     parser.add_argument("--max-batch", type=number(1, kind=int), default=8,
@@ -107,8 +110,8 @@ def resolve_api_key(args) -> str | None:
 
 
 def open_disk_cache(args, model, path):
-    """The persistent prompt cache for this model, or None (turned off, or a pipeline: its layers'
-    caches live on the other ranks, and a disk hit would need every rank's part)."""
+    """The persistent prompt cache for this model, or None (turned off, or tensor parallelism).
+    On a pipeline (`--hosts`) each rank keeps its own layers' part (distributed/disk_pipeline.py)."""
     import math
 
     from k2mlx.errors import RequestError
@@ -116,12 +119,17 @@ def open_disk_cache(args, model, path):
     gb = getattr(args, "prompt_cache_gb", 0.0)
     if not math.isfinite(gb) or gb < 0:
         raise RequestError(f"--prompt-cache-gb must be 0 or more, got {gb}", param="prompt_cache_gb")
-    if getattr(args, "no_prompt_cache", False) or gb == 0 or hasattr(model, "submit"):
+    if getattr(args, "no_prompt_cache", False) or gb == 0:
         return None
     from k2mlx.engine.disk_cache import open_prompt_cache
 
+    block = getattr(args, "prompt_cache_block", 256)  # no flag: tests use small blocks
     try:
-        return open_prompt_cache(model, path, args.prompt_cache_dir, max_gb=gb)
+        if hasattr(model, "submit"):  # a cluster's rank 0 (None under tensor parallelism)
+            from k2mlx.distributed.disk_pipeline import open_for_pipeline
+
+            return open_for_pipeline(model, path, args.prompt_cache_dir, gb, block=block)
+        return open_prompt_cache(model, path, args.prompt_cache_dir, max_gb=gb, block=block)
     except OSError as e:
         raise RequestError(f"cannot use --prompt-cache-dir {args.prompt_cache_dir or '(default)'}: "
                            f"{e.strerror or e}", param="prompt_cache_dir") from None
@@ -154,9 +162,10 @@ def run(args) -> int:
     max_conn, read_timeout = getattr(args, "max_connections", 512), getattr(args, "read_timeout", 20.0)
     if not 1 <= max_conn <= 1 << 20:
         raise RequestError(f"--max-connections must be at least 1, got {max_conn}", param="max_connections")
-    if not 0 < read_timeout <= 3600:
-        raise RequestError(f"--read-timeout must be between 0 and 3600 seconds, got {read_timeout}",
-                           param="read_timeout")
+    write_timeout = getattr(args, "write_timeout", 60.0)
+    for flag, v in (("read_timeout", read_timeout), ("write_timeout", write_timeout)):
+        if not 0 < v <= 3600:
+            raise RequestError(f"--{flag.replace('_', '-')} must be between 0 and 3600 seconds, got {v}", param=flag)
     from k2mlx.server.guard import normalize_origin
 
     origins = []
@@ -191,7 +200,8 @@ def run(args) -> int:
         from k2mlx.server.http import Limits, serve
 
         serve(app, args.host, args.port, Limits(header_timeout=read_timeout, body_timeout=read_timeout,
-                                                keep_alive=min(5.0, read_timeout), max_connections=max_conn),
+                                                keep_alive=min(5.0, read_timeout), write_timeout=write_timeout,
+                                                max_connections=max_conn),
               log_level=args.log_level)
     finally:
         engine.close()

@@ -8,8 +8,11 @@ deadline:
 - `header_timeout` to deliver a request's headers, from the connection's start or the end of
   the previous response (uvicorn's own keep-alive timer stops at the first byte of a request);
 - `body_timeout` to deliver the whole body once the headers are in;
-- `keep_alive` of silence between requests (uvicorn's timer).
-A missed deadline ends in a 408 JSON reply (when no response has started) and a closed
+- `keep_alive` of silence between requests (uvicorn's timer);
+- `write_timeout` for a client that stops reading what the server sends (a stream's output
+  fills the socket and then the transport's buffer): the connection is dropped, which cancels
+  the request and frees its batch slot.
+A missed read deadline ends in a 408 JSON reply (when no response has started) and a closed
 connection. At most `max_connections` are open: at the cap a new connection closes the one
 that has been idle longest (waiting for a request), so idle or slow clients cannot lock out
 real ones; only when every connection is busy is the new one refused. Overload and bad-request
@@ -34,6 +37,7 @@ class Limits:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     keep_alive: float = 5.0
+    write_timeout: float = 60.0
     max_connections: int = 512
     max_header_bytes: int = 16 << 10
 
@@ -87,7 +91,7 @@ class _LimitedH11(H11Protocol):
     limits: Limits = Limits()
 
     def connection_made(self, transport) -> None:
-        self._timer, self._head_bytes = None, 0
+        self._timer, self._head_bytes, self._write_timer = None, 0, None
         self._watched = None  # the request cycle the current deadline is about
         self._idle_since = time.monotonic()
         super().connection_made(transport)
@@ -172,7 +176,26 @@ class _LimitedH11(H11Protocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:  # the transport's buffer is full: the client is not reading
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.limits.write_timeout, self._stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _stalled(self) -> None:
+        self._write_timer = None
+        log.warning("dropping a connection whose client stopped reading for %.0f s", self.limits.write_timeout)
+        self.transport.abort()  # close() would wait to flush a buffer nobody reads
 
     def send_400_response(self, msg: str) -> None:  # uvicorn's is text/plain
         if not self.transport.is_closing():

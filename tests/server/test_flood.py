@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import time
 
 import httpx
@@ -33,7 +34,7 @@ BODY = {"/v1/completions": {"prompt": "hi", "max_tokens": 2}}
 def flood_server(tiny_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("flood") / "server.log"
     proc, base = start_server(tiny_checkpoint, "--max-batch", "4", "--read-timeout", str(READ_TIMEOUT),
-                              "--max-connections", str(MAX_CONN), log_path=log)
+                              "--max-connections", str(MAX_CONN), "--write-timeout", "2", log_path=log)
     yield base, log
     stop_server(proc)
 
@@ -254,3 +255,30 @@ def test_500_hostile_requests(flood_server):
     assert len(log) < 64_000, f"the log grew {len(log)} bytes during the flood"
     assert log.count(b"did not deliver its request in time") <= 3  # once per 10 s interval
     assert took < 120, f"the run took {took:.0f} s"
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_request_cancelled(flood_server, no_stop):
+    """A stream whose reader never reads fills the socket, then the transport's buffer; after the
+    write timeout (2 s here) the connection is dropped and the generation cancelled."""
+    from k2serve_util import metric
+
+    base, _ = flood_server
+    port = int(base.rsplit(":", 1)[1])
+    cancelled = metric(base, "k2mlx_requests_finished_total", 'reason="cancelled"')
+    finished = metric(base, "k2mlx_requests_finished_total", 'reason="length"')
+    body = json.dumps({**CHAT, "max_tokens": 4000, "logit_bias": no_stop, "stream": True, "logprobs": True,
+                       "top_logprobs": 20}).encode()  # ~3 KB a token: the buffers fill in a few hundred tokens
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+              b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    try:
+        t0 = time.monotonic()
+        while metric(base, "k2mlx_requests_finished_total", 'reason="cancelled"') == cancelled:
+            assert time.monotonic() - t0 < 60, "the unread stream was not dropped within 60 s"
+            time.sleep(0.2)
+        assert metric(base, "k2mlx_active_slots") == 0
+        assert metric(base, "k2mlx_requests_finished_total", 'reason="length"') == finished  # it did not just end
+    finally:
+        s.close()
