@@ -33,7 +33,7 @@ from k2mlx.errors import ClusterError
 
 from .remote_cache import OpLog, RemoteCache, apply_ops
 
-OP_FORWARD, OP_STOP, OP_STATS = 1, 2, 3
+OP_FORWARD, OP_STOP, OP_STATS, OP_DISK = 1, 2, 3, 4
 FLAG_LAST_ONLY = 1
 log = logging.getLogger("k2mlx.distributed.pipeline")
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
@@ -270,14 +270,23 @@ class PipelineModel:
         self._inflight.append(pending)
         pending.result()
 
-    def stats(self) -> list[dict]:
-        """Every rank's timeline (collected through the pipeline, in rank order)."""
+    def ask(self, op: int, payload: bytes = b"") -> bytes:
+        """One synchronous trip of `payload` round the ring (each worker answers by passing on
+        its version), after every step in flight has come back."""
         for p in list(self._inflight):
             p.result()
         self._step += 1
-        self.link.send_meta([OP_STATS, 0, 0, 0, 0, self._step], b"", self.link.next)
-        meta, payload = self.link.recv_meta(self.link.prev)
-        others = json.loads(payload or b"[]")
+        self.link.send_meta([op, len(payload), 0, 0, 0, self._step], payload, self.link.next)
+        meta, answer = self.link.recv_meta(self.link.prev)
+        if meta[0] != op or meta[5] != self._step:
+            raise ClusterError(f"pipeline out of order: got op {meta[0]} step {meta[5]}, expected op {op} "
+                               f"step {self._step}", host=str(self.link.spec.host(self.link.prev)),
+                               rank=self.link.prev)
+        return answer
+
+    def stats(self) -> list[dict]:
+        """Every rank's timeline (collected through the pipeline, in rank order)."""
+        others = json.loads(self.ask(OP_STATS) or b"[]")
         return [{"rank": 0, "steps": list(self.timeline.steps), "max_inflight": self.max_inflight}] + others
 
     def close(self) -> None:
@@ -290,8 +299,9 @@ class PipelineModel:
         self.closed = True
 
 
-def worker_loop(model, link: Link) -> None:
-    """Ranks 1..N-1: follow rank 0's steps until OP_STOP."""
+def worker_loop(model, link: Link, disk=None) -> None:
+    """Ranks 1..N-1: follow rank 0's steps until OP_STOP. disk: this rank's part of the disk
+    prompt cache (a disk_pipeline.WorkerDisk) or None."""
     rank, last = link.rank, link.rank == link.size - 1
     a, b = link.spec.layers[rank]
     objects: dict[int, Any] = {}
@@ -318,11 +328,17 @@ def worker_loop(model, link: Link) -> None:
             data = json.dumps(got).encode()
             link.send_meta([OP_STATS, len(data), 0, 0, 0, step], data, link.next)
             continue
+        if op == OP_DISK:
+            from .disk_pipeline import answer
+
+            data = answer(disk, payload)
+            link.send_meta([OP_DISK, len(data), 0, 0, 0, step], data, link.next)
+            continue
         timeline.seen.append((step, meta[7]))
         msg = json.loads(payload)
         mine = msg["ops"].get(str(rank), [])
         if mine:
-            apply_ops(mine, objects, make_layer_cache)
+            apply_ops(mine, objects, make_layer_cache, disk.apply if disk is not None else None)
         if not last:  # let the next rank replay its ops while we compute
             link.send_meta(meta, payload, link.next)
         if B == 0:  # ops only

@@ -148,7 +148,14 @@ def main() -> int:
         else:
             model, tokenizer = load_stage(spec, rank)
             if rank != 0:
-                worker_loop(model, link)
+                from .disk_pipeline import open_worker_disk
+
+                disk = open_worker_disk(spec, rank, model)  # its layers' part of the prompt cache
+                try:
+                    worker_loop(model, link, disk)
+                finally:
+                    if disk is not None:
+                        disk.close()  # queued blocks are written before the rank exits
                 return 0
             pipe = PipelineModel(model, link, model.args.num_hidden_layers)
         try:

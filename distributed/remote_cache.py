@@ -146,8 +146,9 @@ def _unwire(x: Any, objects: dict[int, Any]) -> Any:
     return x
 
 
-def apply_ops(ops: list, objects: dict[int, Any], make_layer_cache) -> None:
-    """Replay rank 0's cache calls on this rank's real caches (worker side)."""
+def apply_ops(ops: list, objects: dict[int, Any], make_layer_cache, extra=None) -> None:
+    """Replay rank 0's cache calls on this rank's real caches (worker side). `extra(op, objects)`
+    replays any other kind (the disk prompt cache's ops: disk_pipeline.py)."""
     for op in ops:
         kind = op[0]
         if kind == "new":
@@ -163,3 +164,5 @@ def apply_ops(ops: list, objects: dict[int, Any], make_layer_cache) -> None:
             res = getattr(objects[oid], name)(*_unwire(args, objects), **_unwire(kwargs, objects))
             if rid is not None:
                 objects[rid] = res
+        elif extra is not None:
+            extra(op, objects)

@@ -238,34 +238,53 @@ class DiskPrefixCache:
     def lookup(self, tokens, beyond: int = 0, limit: int | None = None):
         """-> (n, [(keys [1, 1, n, Dk], values [1, 1, n, Dv]) per layer]) for the longest stored
         prefix of at most `limit` tokens, or (0, None) when none is longer than `beyond`."""
-        import mlx.core as mx
+        t0 = time.perf_counter()
+        parts = self.read_blocks(tokens, beyond, limit)
+        if not parts:
+            self.misses += 1
+            return 0, None
+        layers = self.join(parts)
+        n = len(parts) * self.block
+        self.read_seconds += time.perf_counter() - t0
+        self.hits += 1
+        self.loaded_tokens += n
+        return n, layers
 
+    def read_blocks(self, tokens, beyond: int = 0, limit: int | None = None) -> list:
+        """The blocks of the longest stored prefix of at most `limit` tokens, read and checked:
+        per block, per owned layer (keys, values) [1, 1, block, D]; [] when that prefix is not
+        longer than `beyond` tokens. Counts neither a hit nor a miss (a pipeline decides that
+        once every rank has answered)."""
         limit = len(tokens) if limit is None else min(limit, len(tokens))
         chains = chain_hashes(self.identity, tokens[:limit], self.block)
         n_blocks = 0
         while n_blocks < len(chains) and self._path(chains[n_blocks]).is_file():
             n_blocks += 1
         if n_blocks * self.block <= beyond:
-            self.misses += 1
-            return 0, None
-        t0 = time.perf_counter()
+            return []
         parts = []
         for i in range(n_blocks):
             kv = self._read(chains[i], tokens[i * self.block:(i + 1) * self.block])
             if kv is None:
                 break
             parts.append(kv)
-        n = len(parts) * self.block
-        if n <= beyond:
-            self.misses += 1
-            return 0, None
+        return parts if len(parts) * self.block > beyond else []
+
+    def join(self, parts: list) -> list[tuple]:
+        """Blocks (as `read_blocks` returns them) -> per layer (keys, values) [1, 1, n, D], evaluated."""
+        import mlx.core as mx
+
         layers = [(mx.concatenate([p[j][0] for p in parts], axis=2), mx.concatenate([p[j][1] for p in parts], axis=2))
                   for j in range(len(self.layers))]
         mx.eval([x for kv in layers for x in kv])
-        self.read_seconds += time.perf_counter() - t0
-        self.hits += 1
-        self.loaded_tokens += n
-        return n, layers
+        return layers
+
+    def restore(self, tokens, beyond: int = 0, limit: int | None = None, copies: int = 1):
+        """-> (n, [`copies` independent per-layer cache lists holding the longest stored prefix])
+        or (0, []) (see `lookup`). The prefix cache's entry point (a pipeline's version also
+        restores the other ranks' layers: distributed/disk_pipeline.py)."""
+        n, kv = self.lookup(tokens, beyond, limit)
+        return (n, [kv_caches(kv) for _ in range(copies)]) if kv is not None else (0, [])
 
     def _read(self, chain: str, tokens):
         path = self._path(chain)
@@ -334,6 +353,11 @@ class DiskPrefixCache:
                 log.warning("prompt cache: writer is behind; %d blocks not saved", len(jobs) - queued)
                 break
         return queued
+
+    def save_cache(self, tokens, cache) -> int:
+        """`save` of a whole per-sequence cache (nothing when some layer is not a local KV cache)."""
+        kv = kv_arrays(cache)
+        return self.save(tokens, kv) if kv is not None else 0
 
     def flush(self, timeout: float = 60.0) -> None:
         """Wait until every queued block is written (tests, shutdown)."""

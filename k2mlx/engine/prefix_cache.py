@@ -36,14 +36,13 @@ class PrefixCache:
                 rest = tokens[-1:]
             n = len(tokens) - len(rest) if cache is not None else 0
         if self.disk is not None and len(tokens) - 1 - n >= self.disk.block:
-            m, kv = self.disk.lookup(tokens, beyond=n, limit=len(tokens) - 1)
-            if kv is not None:
-                from k2mlx.engine.disk_cache import kv_caches
-
-                cache, n = kv_caches(kv), m
+            copies = 2 if self._lru is not None else 1  # the second one: the next turn finds it in memory
+            m, restored = self.disk.restore(tokens, beyond=n, limit=len(tokens) - 1, copies=copies)
+            if restored:
+                cache, n = restored[0], m
                 self.disk_tokens += m
-                if self._lru is not None:  # the next turn finds it in memory
-                    self._lru.insert_cache("k2", list(tokens[:m]), kv_caches(kv))
+                if self._lru is not None:
+                    self._lru.insert_cache("k2", list(tokens[:m]), restored[1])
         if n > 0:
             self.hits += 1
             self.cached_tokens += n
@@ -53,14 +52,11 @@ class PrefixCache:
         return cache, n
 
     def insert(self, tokens: list[int], cache) -> None:
+        if self.disk is not None and tokens:
+            # first: on a pipeline this logs the other ranks' save ops before any op of the LRU's
+            self.disk.save_cache(list(tokens), cache)
         if self._lru is not None and tokens:
             self._lru.insert_cache("k2", list(tokens), cache)
-        if self.disk is not None and tokens:
-            from k2mlx.engine.disk_cache import kv_arrays
-
-            kv = kv_arrays(cache)
-            if kv is not None:  # None: some layer lives on another rank (pipeline shadows)
-                self.disk.save(list(tokens), kv)
 
     def close(self) -> None:
         if self.disk is not None:

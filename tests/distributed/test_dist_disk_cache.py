@@ -1,0 +1,127 @@
+"""The disk prompt cache on a pipeline (distributed/disk_pipeline.py), over two real ranks on
+loopback (float32 tiny checkpoint, blocks of 16 tokens): each rank writes only its own layers'
+blocks; a restart hits with the same logprobs as one process without any cache, and the engine's
+cached-token count says so; a block deleted or garbled on ONE rank only makes the hit shorter
+(or a miss), never the output different; --no-prompt-cache writes nothing on any rank."""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+BLOCK = 16
+ROLE = "k2mlx.distributed.disk_scenarios:disk_cache_logprobs"
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(5, 300, size=n)]
+
+
+PROMPTS = [prompt(4 * BLOCK + 6, s) for s in (1, 2, 3)]  # 4 whole blocks before the last token
+
+
+def launch(ckpt, role_args: dict, timeout=300):
+    cmd = [sys.executable, "-m", "k2mlx.distributed.launch", "--hosts", "127.0.0.1,127.0.0.1",
+           "--model", str(ckpt), "--role", ROLE, "--role-args", json.dumps(role_args),
+           "--layers", json.dumps([[0, 2], [2, 4]])]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"launcher failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def run_pipeline(ckpt, tmp_path, name: str, **kw) -> dict:
+    out = tmp_path / f"{name}.json"
+    args = {"prompts": PROMPTS, "out": str(out), "prompt_cache_dir": str(tmp_path / "pc"), "prompt_cache_gb": 1.0,
+            "prompt_cache_block": BLOCK, **kw}
+    p = launch(ckpt, args)
+    return {**json.loads(out.read_text()), "stderr": p.stderr}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint, tiny_tokenizer, tmp_path_factory) -> dict:
+    """One process, no disk cache at all."""
+    from k2mlx import load
+    from k2mlx.distributed.disk_scenarios import disk_cache_logprobs
+
+    out = tmp_path_factory.mktemp("ref") / "ref.json"
+    model, _ = load(str(tiny_checkpoint))
+    disk_cache_logprobs(model, tiny_tokenizer, out=str(out), prompts=PROMPTS, no_prompt_cache=True)
+    return json.loads(out.read_text())
+
+
+def assert_same(ref: dict, got: dict) -> None:
+    for a, b in zip(ref["runs"], got["runs"], strict=True):
+        assert len(a["logprobs"]) == len(b["logprobs"]) == 4
+        for (lp_a, top_a), (lp_b, top_b) in zip(a["logprobs"], b["logprobs"]):
+            assert abs(lp_a - lp_b) <= 1e-5
+            assert np.max(np.abs(np.array(top_a) - np.array(top_b))) <= 1e-5
+
+
+def header(path) -> dict:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n])["__metadata__"]
+
+
+def rank_folders(root) -> dict[str, object]:
+    """{"0,1": rank 0's folder, "2,3": rank 1's}, told apart by the layers their blocks hold."""
+    out = {}
+    for sub in root.iterdir():
+        files = sorted(sub.glob("*.kvblock"))
+        assert files, sub
+        layers = {header(f)["layers"] for f in files}
+        assert len(layers) == 1, layers
+        out[layers.pop()] = sub
+    return out
+
+
+def block_file(folder, tokens: list[int], i: int):
+    """The file of block i of `tokens` in one rank's folder (found by the tokens it holds)."""
+    want = ",".join(map(str, tokens[i * BLOCK:(i + 1) * BLOCK]))
+    hits = [f for f in folder.glob("*.kvblock") if header(f)["tokens"] == want]
+    assert len(hits) == 1, (i, hits)
+    return hits[0]
+
+
+def test_restart_hits_every_ranks_part_with_one_process_logprobs(tiny_checkpoint, tmp_path, reference):
+    cold = run_pipeline(tiny_checkpoint, tmp_path, "cold")
+    assert [r["cached"] for r in cold["runs"]] == [0, 0, 0]
+    assert_same(reference, cold)
+    folders = rank_folders(tmp_path / "pc")
+    assert sorted(folders) == ["0,1", "2,3"]  # each rank stored only its own layers' part
+    for f in folders.values():
+        assert len(list(f.glob("*.kvblock"))) == 3 * 4
+    warm = run_pipeline(tiny_checkpoint, tmp_path, "warm")  # a restart of the whole cluster
+    assert [r["cached"] for r in warm["runs"]] == [4 * BLOCK] * 3
+    assert warm["stats"]["hits"] == 3 and warm["stats"]["short_hits"] == 0
+    assert_same(reference, warm)
+
+
+def test_a_bad_block_on_one_rank_shortens_the_hit_never_the_output(tiny_checkpoint, tmp_path, reference):
+    run_pipeline(tiny_checkpoint, tmp_path, "cold")
+    folders = rank_folders(tmp_path / "pc")
+    garbled = block_file(folders["2,3"], PROMPTS[0], 1)  # rank 1 only: prompt 0 keeps block 0
+    data = bytearray(garbled.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
+    garbled.write_bytes(bytes(data))
+    bad = bytes(data)
+    block_file(folders["0,1"], PROMPTS[1], 0).unlink()  # rank 0 only: prompt 1 misses
+    block_file(folders["2,3"], PROMPTS[2], 3).unlink()  # rank 1 only: prompt 2 keeps 3 blocks
+    warm = run_pipeline(tiny_checkpoint, tmp_path, "warm")
+    assert [r["cached"] for r in warm["runs"]] == [BLOCK, 0, 3 * BLOCK]
+    assert warm["stats"]["short_hits"] == 2
+    assert_same(reference, warm)
+    # the rank that found it removed it with a warning, and saved that block again afterwards
+    assert "data digest mismatch" in warm["stderr"]
+    assert garbled.read_bytes() != bad and header(garbled)["tokens"] == ",".join(map(str, PROMPTS[0][16:32]))
+
+
+def test_no_prompt_cache_writes_nothing_on_any_rank(tiny_checkpoint, tmp_path, reference):
+    got = run_pipeline(tiny_checkpoint, tmp_path, "off", no_prompt_cache=True)
+    assert got["stats"] is None and [r["cached"] for r in got["runs"]] == [0, 0, 0]
+    assert not (tmp_path / "pc").exists()
+    assert_same(reference, got)
