@@ -3,7 +3,7 @@ llguidance, no MLX), so the grammars themselves are easy to read and test.
 
 The grammar covers the generated tokens only (after the prompt and any forced prefix) and
 follows the parser's rules (k2mlx/chat/parser.py): K2's markers are special tokens, call ids
-are `functions.NAME:IDX` with IDX the call's position, arguments are compact JSON following
+are `functions.NAME:IDX` (IDX up to 4 digits, the model's choice), arguments are JSON following
 the tool's `parameters` schema. On thinking checkpoints the reasoning before `</think>` is free
 text; the mask binds from the first content token.
 """
@@ -96,11 +96,14 @@ def json_rule(schema: Any, strict: bool) -> str:
 def _call_rules(spec: ReplySpec, lines: list[str]) -> None:
     for t, tool in enumerate(spec.tools):
         lines.append(f"args_{t}: {json_rule(tool.parameters or ANY_OBJECT, tool.strict)}")
+    # the index is the model's: K2 numbers calls across the conversation (`:3` after three earlier
+    # calls); forcing the position rewrote k2-nano's `:1` as `:0`
+    alts = " | ".join(f"{lit(f'functions.{tool.name}:')} CALL_INDEX {AB} args_{t}" for t, tool in enumerate(spec.tools))
+    lines.append(f"call: {CB} ({alts}) {CE}")
+    lines.append("CALL_INDEX: /[0-9]{1,4}/")
     n = MAX_PARALLEL_CALLS if spec.parallel else 1
     for i in range(n):
-        alts = " | ".join(f"{lit(f'functions.{tool.name}:{i}')} {AB} args_{t}" for t, tool in enumerate(spec.tools))
-        lines.append(f"call_{i}: {CB} ({alts}) {CE}")
-        lines.append(f"calls_{i}: call_{i}" + (f" calls_{i + 1}?" if i + 1 < n else ""))
+        lines.append(f"calls_{i}: call" + (f" calls_{i + 1}?" if i + 1 < n else ""))
     lines.append(f"section: {SB} calls_0 {SE}")
 
 

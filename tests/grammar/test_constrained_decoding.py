@@ -115,6 +115,9 @@ def test_auto_tool_calls_are_declared_and_valid(engine):
         events = list(engine.generate(chat(seed=seed, n=200, tools=TOOLS, bias=bias)))
         for e in events:
             if isinstance(e, ToolCallEnd):
+                if not e.valid_json:  # only a call cut off by max_tokens may be incomplete
+                    assert events[-1].finish_reason == "length" and e is [x for x in events if isinstance(x, ToolCallEnd)][-1]
+                    continue
                 calls += 1
                 begin = next(b for b in events if isinstance(b, ToolCallBegin) and b.index == e.index)
                 jsonschema.validate(json.loads(e.arguments), PARAMS[begin.name])

@@ -55,7 +55,10 @@ def test_tool_section_grammars(tiny_tokenizer):
     assert not accepts(tiny_tokenizer, required, f'{CB}functions.rm:0{AB}{{}}{CE}{SE}')  # undeclared
     assert not accepts(tiny_tokenizer, required, f'{CB}functions.add:0{AB}{{"a":1}}{CE}{SE}')  # schema
     assert not accepts(tiny_tokenizer, required, f'{SE}')  # "required": at least one call
-    assert not accepts(tiny_tokenizer, required, f'{CB}functions.add:1{AB}{{"a":1,"b":2}}{CE}{SE}')  # index
+    # the index is the model's own (K2 counts calls across the conversation), up to 4 digits
+    assert accepts(tiny_tokenizer, required, f'{CB}functions.add:3{AB}{{"a":1,"b":2}}{CE}{SE}')
+    assert not accepts(tiny_tokenizer, required, f'{CB}functions.add:12345{AB}{{"a":1,"b":2}}{CE}{SE}')
+    assert not accepts(tiny_tokenizer, required, f'{CB}functions.add{AB}{{"a":1,"b":2}}{CE}{SE}')
     single = ReplySpec(tools=[WEATHER, ADD], choice="required", forced="section", parallel=False)
     assert not accepts(tiny_tokenizer, single, f'{CB}functions.add:0{AB}{{"a":1,"b":2}}{CE}'
                                                f'{CB}functions.add:1{AB}{{"a":1,"b":2}}{CE}{SE}')
