@@ -133,6 +133,9 @@ class PipelineDiskCache:
         toks = [int(t) for t in tokens]
         for r, oids in by_rank.items():
             self.pipe.log.add(r, ["disk_save", toks, oids])
+        # sent now, not with the next forward (an idle server may be stopped before one comes);
+        # not waited for: its empty answer is collected in order with the next step's
+        self.pipe.flush_ops(wait=False)
         return self.local.save(toks, kv)
 
     def close(self, timeout: float = 60.0) -> None:

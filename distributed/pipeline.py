@@ -260,15 +260,17 @@ class PipelineModel:
         self._collected = step
         self.timeline.steps.append((step, time.perf_counter() - t0, 0.0, 0.0))
 
-    def flush_ops(self) -> None:
-        """Send queued cache ops now (e.g. frees of finished sequences) without a forward."""
+    def flush_ops(self, wait: bool = True) -> None:
+        """Send queued cache ops now (e.g. frees of finished sequences) without a forward.
+        wait=False: its (empty) answer is collected in order with the next step's."""
         payload = json.dumps({"ops": self.log.take(), "ids": {}}).encode()
         self._step += 1
         self.link.send_meta([OP_FORWARD, len(payload), 0, 0, 0, self._step, 0, self._collected],
                             payload, self.link.next)
         pending = PendingStep(self, self._step, (0, 0), True)
         self._inflight.append(pending)
-        pending.result()
+        if wait:
+            pending.result()
 
     def ask(self, op: int, payload: bytes = b"") -> bytes:
         """One synchronous trip of `payload` round the ring (each worker answers by passing on

@@ -125,3 +125,72 @@ def test_no_prompt_cache_writes_nothing_on_any_rank(tiny_checkpoint, tmp_path, r
     assert got["stats"] is None and [r["cached"] for r in got["runs"]] == [0, 0, 0]
     assert not (tmp_path / "pc").exists()
     assert_same(reference, got)
+
+
+def test_serve_hosts_restart_hits_and_reports_cached_tokens(tiny_checkpoint, tmp_path, monkeypatch):
+    """`k2mlx serve --hosts 127.0.0.1,127.0.0.1` (default blocks of 256): a restarted cluster
+    answers a long system prompt from both ranks' disk parts, usage says so, and the greedy
+    answer and its logprobs are those of the cold cluster."""
+    import os
+    import time
+
+    import httpx
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "server"))
+    from k2serve_util import start_server, stop_server
+
+    monkeypatch.setenv("K2MLX_STATE_DIR", str(tmp_path / "state"))
+    system = " ".join(f"rule {i}: keep the tests green and the diffs small." for i in range(120))  # ~1,500 tokens
+    folder = tmp_path / "pc"
+    args = ("--hosts", "127.0.0.1,127.0.0.1", "--prompt-cache-dir", str(folder), "--cache-gb", "0")
+
+    def chat(base):
+        r = httpx.post(base + "/v1/chat/completions", timeout=180, json={
+            "model": "k2-tiny", "max_tokens": 4, "temperature": 0, "logprobs": True,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Rule 3?"}]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        lps = [c["logprob"] for c in body["choices"][0]["logprobs"]["content"]]
+        return body["choices"][0]["message"]["content"], lps, body["usage"]
+
+    proc, base = start_server(tiny_checkpoint, *args)
+    try:
+        text0, lps0, usage0 = chat(base)
+        deadline = time.time() + 60  # both ranks write off the request path
+        while time.time() < deadline:
+            subs = [d for d in folder.iterdir() if d.is_dir()] if folder.is_dir() else []
+            if len(subs) == 2 and all(len(list(d.glob("*.kvblock"))) >= 5 for d in subs):
+                break
+            time.sleep(0.2)
+    finally:
+        stop_server(proc)
+    assert (usage0.get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
+    assert sorted(rank_folders(folder)) == ["0,1", "2,3"]
+    proc, base = start_server(tiny_checkpoint, *args)
+    try:
+        text1, lps1, usage1 = chat(base)
+    finally:
+        stop_server(proc)
+    hit = usage1["prompt_tokens_details"]["cached_tokens"]
+    assert hit >= 5 * 256 and hit % 256 == 0 and hit < usage1["prompt_tokens"]
+    assert text1 == text0 and len(lps1) == len(lps0) == 4
+    assert max(abs(a - b) for a, b in zip(lps0, lps1)) <= 1e-5
+
+
+def test_worker_answers_hostile_lookups_with_no_blocks_and_refuses_unknown_pins(tmp_path, tiny_checkpoint):
+    from k2mlx import load
+    from k2mlx.distributed.disk_pipeline import WorkerDisk, open_stage_cache
+
+    model, _ = load(str(tiny_checkpoint), layers=range(2, 4))
+    w = WorkerDisk(open_stage_cache(model, tiny_checkpoint, {"dir": str(tmp_path / "pc"), "gb": 1.0, "block": BLOCK}))
+    try:
+        for bad in (b"\xff garbage", b"[1, 2]", json.dumps({"pin": 1, "n": "x", "tokens": []}).encode(),
+                    json.dumps({"pin": 1, "n": 2, "tokens": PROMPTS[0][:2 * BLOCK]}).encode()):  # nothing stored
+            assert json.loads(w.answer(bad))["n"] == 0
+        assert w.pins == {}
+        with pytest.raises(RuntimeError, match="does not hold"):
+            w.apply(["disk_load", 7, BLOCK, [[1, 2]]], {})
+        w.apply(["disk_save", PROMPTS[0], [12345, 678]], {})  # unknown caches: skipped, logged
+        w.apply(["disk_unpin", 99], {})
+    finally:
+        w.close()
