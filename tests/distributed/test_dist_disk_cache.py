@@ -24,20 +24,20 @@ def prompt(n: int, seed: int) -> list[int]:
 PROMPTS = [prompt(4 * BLOCK + 6, s) for s in (1, 2, 3)]  # 4 whole blocks before the last token
 
 
-def launch(ckpt, role_args: dict, timeout=300):
-    cmd = [sys.executable, "-m", "k2mlx.distributed.launch", "--hosts", "127.0.0.1,127.0.0.1",
+def launch(ckpt, role_args: dict, layers=((0, 2), (2, 4)), timeout=300):
+    cmd = [sys.executable, "-m", "k2mlx.distributed.launch", "--hosts", ",".join(["127.0.0.1"] * len(layers)),
            "--model", str(ckpt), "--role", ROLE, "--role-args", json.dumps(role_args),
-           "--layers", json.dumps([[0, 2], [2, 4]])]
+           "--layers", json.dumps([list(r) for r in layers])]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"launcher failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
     return p
 
 
-def run_pipeline(ckpt, tmp_path, name: str, **kw) -> dict:
+def run_pipeline(ckpt, tmp_path, name: str, layers=((0, 2), (2, 4)), **kw) -> dict:
     out = tmp_path / f"{name}.json"
     args = {"prompts": PROMPTS, "out": str(out), "prompt_cache_dir": str(tmp_path / "pc"), "prompt_cache_gb": 1.0,
             "prompt_cache_block": BLOCK, **kw}
-    p = launch(ckpt, args)
+    p = launch(ckpt, args, layers)
     return {**json.loads(out.read_text()), "stderr": p.stderr}
 
 
@@ -118,6 +118,17 @@ def test_a_bad_block_on_one_rank_shortens_the_hit_never_the_output(tiny_checkpoi
     # the rank that found it removed it with a warning, and saved that block again afterwards
     assert "data digest mismatch" in warm["stderr"]
     assert garbled.read_bytes() != bad and header(garbled)["tokens"] == ",".join(map(str, PROMPTS[0][16:32]))
+
+
+def test_three_ranks_hit_only_the_blocks_the_middle_rank_has(tiny_checkpoint, tmp_path, reference):
+    three = ((0, 1), (1, 3), (3, 4))
+    run_pipeline(tiny_checkpoint, tmp_path, "cold", layers=three)
+    folders = rank_folders(tmp_path / "pc")
+    assert sorted(folders) == ["0", "1,2", "3"]
+    block_file(folders["1,2"], PROMPTS[0], 2).unlink()  # the middle rank only
+    warm = run_pipeline(tiny_checkpoint, tmp_path, "warm", layers=three)
+    assert [r["cached"] for r in warm["runs"]] == [2 * BLOCK, 4 * BLOCK, 4 * BLOCK]
+    assert_same(reference, warm)
 
 
 def test_no_prompt_cache_writes_nothing_on_any_rank(tiny_checkpoint, tmp_path, reference):
