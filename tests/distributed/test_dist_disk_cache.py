@@ -205,3 +205,19 @@ def test_worker_answers_hostile_lookups_with_no_blocks_and_refuses_unknown_pins(
         w.apply(["disk_unpin", 99], {})
     finally:
         w.close()
+
+
+def test_blocks_of_one_process_never_hit_a_pipeline_in_the_same_folder(tiny_checkpoint, tiny_tokenizer, tmp_path,
+                                                                       reference):
+    from k2mlx import load
+    from k2mlx.distributed.disk_scenarios import disk_cache_logprobs
+
+    model, _ = load(str(tiny_checkpoint))
+    kw = {"prompts": PROMPTS, "prompt_cache_dir": str(tmp_path / "pc"), "prompt_cache_gb": 1.0,
+          "prompt_cache_block": BLOCK, "model": str(tiny_checkpoint)}
+    for name in ("one0", "one1"):  # the second run proves the single process's blocks load for itself
+        disk_cache_logprobs(model, tiny_tokenizer, out=str(tmp_path / name), **kw)
+    assert [r["cached"] for r in json.loads((tmp_path / "one1").read_text())["runs"]] == [4 * BLOCK] * 3
+    got = run_pipeline(tiny_checkpoint, tmp_path, "pp")  # other layer ranges: other identities
+    assert [r["cached"] for r in got["runs"]] == [0, 0, 0]
+    assert_same(reference, got)
