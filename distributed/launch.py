@@ -252,7 +252,9 @@ class Launcher:
                                       host=seen.get("host"), rank=seen["rank"])
         else:
             self.error = ClusterError(f"{how}; stopping every rank", host=str(rp.host), rank=rp.rank)
-        self.stop()
+        # The survivors notice on their own (a closed link at once, a silent one at the heartbeat
+        # deadline) and rank 0 first ends its requests with the error; only then are they stopped.
+        self.stop(grace=3.0)
         return self.error.exit_code
 
     def wait(self, timeout: float | None = None) -> int:
