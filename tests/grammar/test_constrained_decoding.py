@@ -169,3 +169,59 @@ def test_thinking_checkpoint_reasons_freely_then_answers_in_json(tiny_thinking_c
         assert free >= 2
     finally:
         eng.close()
+
+
+class _Pending:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class _TwoPhase:
+    """The tiny model behind the two-phase `submit`/`result` interface a pipeline has, so the
+    engine splits sequences into micro-batch groups stepped on their own threads (overlap.py)."""
+
+    stages = 2
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, tokens, cache=None):
+        return self.model(tokens, cache=cache)
+
+    def submit(self, tokens, cache):
+        import mlx.core as mx
+
+        logits = self.model(tokens, cache=cache)
+        mx.eval(logits)
+        return _Pending(logits)
+
+
+def test_constrained_sequences_in_micro_batch_groups_equal_alone(tiny_checkpoint, engine):
+    """On a pipeline the masks are applied where sampling runs (rank 0's groups): the grouped,
+    overlapped engine gives every request what it gets alone."""
+    from k2mlx import load
+    from k2mlx.engine import Engine
+
+    model, tok = load(tiny_checkpoint)
+    no_stop = {t: -100.0 for t in tok.eos_token_ids}
+    reqs = [lambda: chat(temp=0.0, n=40, response_format=json_schema(SCHEMAS["arrays"])),
+            lambda: chat(temp=0.0, n=12, bias=no_stop),
+            lambda: chat(temp=0.0, n=60, tools=TOOLS, tool_choice="required"),
+            lambda: chat(temp=0.0, n=12, bias=no_stop)]
+    want = [list(engine.generate(r())) for r in reqs]  # one at a time
+    grouped = Engine(_TwoPhase(model), tok, max_batch=4, cache_bytes=0)
+    try:
+        assert grouped.n_groups == 2
+        streams = [grouped.generate(r()) for r in reqs]
+        got = [list(s) for s in streams]
+    finally:
+        grouped.close()
+    strip = lambda evs: [e for e in evs if not isinstance(e, Done)]
+    assert [strip(g) for g in got] == [strip(w) for w in want]
+    assert got[2][-1].finish_reason == "tool_calls" and [g[-1].finish_reason for g in got] == [w[-1].finish_reason for w in want]
