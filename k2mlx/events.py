@@ -98,6 +98,8 @@ class Done:
     timings: Timings = field(default_factory=Timings)
     error: Optional[str] = None
     stop_sequence: Optional[str] = None  # the stop string that ended the reply, if one did
+    # decoding was held to a grammar (response_format, or the declared tools' schemas)
+    constrained: bool = False
 
 
 Event = Union[TextDelta, ReasoningDelta, ToolCallBegin, ToolCallArgsDelta, ToolCallEnd, ParseWarning,

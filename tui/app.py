@@ -424,7 +424,7 @@ class ChatApp(App):
             return  # a reply that carried no numbers keeps the last ones on show
         source = getattr(self.backend, "last_timings_source", "server") if self.backend else "server"
         self.stats = ReplyStats(u.prompt_tokens, u.completion_tokens, u.cached_tokens, t.prefill_tps, t.decode_tps,
-                                measured=source)
+                                measured=source, constrained=done.constrained)
         self.status.set(stats=self.stats)
 
     async def run_tool_calls(self, msg: ChatMessage) -> None:

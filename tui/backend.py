@@ -165,7 +165,7 @@ class Backend:
 
         reader = asyncio.create_task(read())
         t_first = t_last = None
-        finish, usage, raw_timings = "stop", None, None
+        finish, usage, raw_timings, constrained = "stop", None, None, False
         calls: dict[int, list] = {}  # index -> [id, name, args]
         n_chunks = 0
         try:
@@ -176,6 +176,7 @@ class Backend:
                 if isinstance(chunk, BaseException):
                     raise chunk
                 raw_timings = _extra(chunk, "timings") or raw_timings
+                constrained = constrained or _extra(chunk, "constrained") is True
                 if chunk.usage is not None:
                     usage = chunk.usage
                     raw_timings = _extra(chunk.usage, "timings") or raw_timings
@@ -229,7 +230,7 @@ class Backend:
                               prompt_tokens=u.prompt_tokens, generated_tokens=u.completion_tokens)
         else:
             self.last_timings_source = "server"
-        yield Done(finish, u, timings)
+        yield Done(finish, u, timings, constrained=constrained)
 
     async def aclose(self) -> None:
         await self.client.close()

@@ -74,6 +74,7 @@ class ReplyStats:
     prefill_tps: float = 0.0
     decode_tps: float = 0.0
     measured: str = "server"  # server: from the reply's timings; client: timed here
+    constrained: bool = False  # the server held the reply to a grammar (tool schemas, JSON)
 
     @property
     def context_used(self) -> int:

@@ -113,6 +113,14 @@ class EngineStats:
         return sum(n for _, n in list(self._recent)[1:]) / span if span > 0 else 0.0
 
 
+def _held_to_grammar(slot) -> bool:
+    """The reply followed a grammar: a response_format, or tool calls made under the tools'
+    schemas (under tool_choice "auto" free text is not restricted, so text alone does not count)."""
+    if slot.prep.constraint is None:
+        return False
+    return slot.prep.request.response_format is not None or slot.tool_calls > 0
+
+
 def final_finish_reason(reason: str, tool_calls: int) -> str:
     """A reply that called tools ends with "tool_calls" unless it was cut off by max_tokens."""
     return "tool_calls" if tool_calls and reason in ("stop", "tool_calls") else reason
@@ -564,7 +572,8 @@ class Engine:
                           generated_tokens=slot.generated, peak_memory_bytes=peak)
         usage = Usage(prompt_n, slot.generated, slot.cached)
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
-        slot.sink(Done(reason, usage, timings, error, stop_sequence=slot.stops.matched))
+        slot.sink(Done(reason, usage, timings, error, stop_sequence=slot.stops.matched,
+                       constrained=_held_to_grammar(slot)))
 
     def fail(self, exc: Exception) -> None:
         """From any thread (a cluster health monitor): end every request with `exc`; a

@@ -135,6 +135,8 @@ class ChatStream:
         if isinstance(ev, Done):
             last = self._chunk({}, finish=finish_reason(ev))
             last["timings"] = timings_dict(ev.timings)
+            if ev.constrained:  # a k2mlx extra, like timings: the reply followed a grammar
+                last["constrained"] = True
             out = [last]
             if self.include_usage:
                 out.append(self._chunk(None, usage=usage_dict(ev.usage), choices=False))
@@ -179,7 +181,7 @@ class ChatCollector:
                   "logprobs": {"content": self.lp} if self.want_logprobs else None}
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model, "system_fingerprint": "k2mlx", "choices": [choice], "usage": usage_dict(done.usage),
-                "timings": timings_dict(done.timings)}
+                "timings": timings_dict(done.timings), **({"constrained": True} if done.constrained else {})}
 
 
 def completion_logprobs(entries: list[tuple], offset: int) -> dict:

@@ -52,6 +52,9 @@ async def test_openai_json_schema_and_json_object(client):
         choice = r.json()["choices"][0]
         assert choice["finish_reason"] == "stop"
         jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMA)
+        assert r.json()["constrained"] is True  # says it followed the grammar (the TUI shows it)
+    free = await client.post("/v1/chat/completions", json={"messages": USER, "temperature": 0, "max_tokens": 8})
+    assert free.status_code == 200 and "constrained" not in free.json()
     r = await client.post("/v1/chat/completions", json={
         "messages": USER, "temperature": 0, "max_tokens": 400, "response_format": {"type": "json_object"}})
     assert isinstance(json.loads(r.json()["choices"][0]["message"]["content"]), dict)
@@ -66,6 +69,8 @@ async def test_openai_streamed_json_schema(client):
     chunks = [json.loads(ln) for ln in lines[:-1]]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     jsonschema.validate(json.loads(text), SCHEMA)
+    last = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]][-1]
+    assert last["constrained"] is True
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])

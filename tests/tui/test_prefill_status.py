@@ -35,3 +35,16 @@ async def test_status_bar_shows_prefill_progress(make_app, local_server):
     done, total = reading[-1][len("reading prompt "):].split(" tokens")[0].replace(",", "").split("/")
     assert 0 < int(done) <= int(total) and int(total) > 2500
     assert states.index(reading[0]) < len(states) - 1 and "generating…" in states[states.index(reading[0]):]
+
+
+def test_status_bar_says_when_the_last_reply_was_schema_checked():
+    """The server's `constrained` flag (a reply held to the tools' schemas) shows in the bar."""
+    from k2mlx.tui.messages import ReplyStats
+    from k2mlx.tui.widgets.status import StatusBar
+
+    bar = StatusBar()
+    bar.model, bar.tools = "k2-nano", 8
+    bar.stats = ReplyStats(100, 10, 0, 500.0, 20.0)
+    assert "schema" not in str(bar.render_text())
+    bar.stats = ReplyStats(100, 10, 0, 500.0, 20.0, constrained=True)
+    assert "schema-checked" in str(bar.render_text())

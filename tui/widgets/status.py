@@ -54,6 +54,8 @@ class StatusBar(Static):
         else:
             ctx = (f"ctx {_k(used)}", "")
         fields = [speed, ctx, (f"tools {self.tools}" if self.tools else "tools off", "")]
+        if s is not None and s.constrained:  # the last reply was held to the tools' schemas
+            fields.append(("schema" if short else "schema-checked", "green"))
         return fields + ([(self.extra, "")] if self.extra else [])
 
     def render_text(self) -> Text:
