@@ -101,3 +101,87 @@ def test_arithmetic_without_a_calculator_is_refused(server):
         model="k2-nano", messages=[{"role": "user", "content": "What is 12 * 34?"}],
         tools=[TOOLS["list_dir"], TOOLS["send_email"]], temperature=0, max_tokens=40)
     assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason == "stop"
+
+
+# -- what a newcomer types first, and chats that go on after a tool turn ----------------------------
+
+def test_readme_example_through_the_cli():
+    """The README's first command prints >= 3 words at temperature 0 (the previous k2-nano
+    printed nothing), and at the default temperature (0.6) for most seeds: 6 of seeds 1..8 with
+    the shipped model (the previous one: 5 of 20 in process). Known gap (docs/NANO.md): the
+    words are garbled ("Hi there! I do for you?"), greedy and often when sampled."""
+    import subprocess
+    import sys
+
+    from k2mlx.nano.evaluate import FIRST_USE_PROMPTS
+
+    def run(*extra):
+        r = subprocess.run([sys.executable, "-m", "k2mlx.cli", "generate", "--prompt", FIRST_USE_PROMPTS[0],
+                            "--max-tokens", "64", *extra], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    greedy = run("--temp", "0")
+    assert len(greedy.split()) >= 3, greedy
+    sampled = [run("--seed", str(s)) for s in range(1, 9)]
+    assert sum(len(t.split()) >= 3 for t in sampled) >= 5, sampled
+
+
+@pytest.mark.parametrize("as_chat", [False, True], ids=["plain", "chat-tools"])
+def test_first_use_prompts_get_replies(server, as_chat):
+    """>= 10 first-use wordings (greetings, who are you, what can you do; punctuation and case
+    varied, some never seen in training) get >= 3 words and no tool call at temperature 0, as
+    `k2mlx generate` sends them and with `k2mlx chat`'s system prompt and tools."""
+    from openai import OpenAI
+
+    from k2mlx.nano.data import TUI_SYSTEM, TUI_TOOLS
+    from k2mlx.nano.evaluate import FIRST_USE_PROMPTS
+
+    assert len(FIRST_USE_PROMPTS) >= 10 and FIRST_USE_PROMPTS[0] == "Hello! What can you do?"
+    client = OpenAI(base_url=server.base_url, api_key="x")
+    prefix = [{"role": "system", "content": TUI_SYSTEM}] if as_chat else []
+    extra = {"tools": TUI_TOOLS} if as_chat else {}
+    bad = []
+    for p in FIRST_USE_PROMPTS:
+        r = client.chat.completions.create(model="k2-nano", messages=prefix + [{"role": "user", "content": p}],
+                                           temperature=0, max_tokens=64, **extra)
+        m = r.choices[0].message
+        if m.tool_calls or len((m.content or "").split()) < 3:
+            bad.append(p)
+    # the shipped model misses 2 of 20 each way (docs/NANO.md: "hello!" -> "You're welcome!",
+    # "Tell me about yourself." -> one word; "HELLO" -> list_dir with the TUI's tools)
+    assert FIRST_USE_PROMPTS[0] not in bad and len(bad) <= 2, bad
+
+
+@pytest.fixture(scope="module")
+def multiturn(server):
+    from k2mlx.nano.evaluate import multiturn_cases, multiturn_serve_eval
+
+    return multiturn_serve_eval(server.base_url, multiturn_cases(40))
+
+
+def test_after_a_sum_a_greeting_gets_words_and_a_file_question_the_file_tool(server):
+    """The issue's cases through serve: "Hi!" after an arithmetic turn is answered in words (the
+    previous k2-nano called the calculator with made-up numbers), "Show me the files in docs."
+    after one calls list_dir (it called the calculator). Known gap: the folder it names."""
+    from openai import OpenAI
+
+    from k2mlx.nano.evaluate import multiturn_cases
+
+    client = OpenAI(base_url=server.base_url, api_key="x")
+    hi, files = multiturn_cases(2)
+    assert hi.messages[-1]["content"] == "Hi!" and files.messages[-1]["content"] == "Show me the files in docs."
+    m = client.chat.completions.create(model="k2-nano", messages=hi.messages, tools=hi.tools, temperature=0,
+                                       max_tokens=64).choices[0].message
+    assert not m.tool_calls and len((m.content or "").split()) >= 3, m
+    m = client.chat.completions.create(model="k2-nano", messages=files.messages, tools=files.tools, temperature=0,
+                                       max_tokens=64).choices[0].message
+    assert [c.function.name for c in m.tool_calls or ()] == ["list_dir"], m
+    if json.loads(m.tool_calls[0].function.arguments) != {"path": "docs"}:
+        pytest.xfail(f"known gap (docs/NANO.md): list_dir with {m.tool_calls[0].function.arguments}")
+
+
+def test_multiturn_held_out(multiturn):
+    """40 held-out chats after a tool turn (greetings, file questions, new sums). The shipped
+    model gets 21/40 (the previous one 11/40, docs/NANO.md); this guards against sliding back."""
+    assert multiturn["ok"] >= 0.45 * multiturn["cases"], multiturn

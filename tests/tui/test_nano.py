@@ -78,3 +78,41 @@ async def test_nano_lists_a_folder(nano_app, workspace):
         assert cards[0].status == "ok" and "guide.md" in cards[0].result.output  # read-only: no approval asked
         roles = [m.role for m in app.store.messages(app.session_id)]
         assert roles[:3] == ["user", "assistant", "tool"] and roles[-1] == "assistant"
+
+
+async def test_nano_three_turn_chat(nano_app, workspace):
+    """One chat, three turns on k2-nano: a sum calls the calculator and states its result; then
+    "Hi!" is answered in words (no tool call: the previous k2-nano called the calculator with
+    made-up numbers); then a file question calls list_dir (not the calculator) on the folder.
+    Known gap: the shipped model chooses list_dir but names another folder in this third turn,
+    so the folder check ends the test as an xfail; a wrong tool or a tool call on "Hi!" fails it."""
+    (workspace / "docs").mkdir()
+    (workspace / "docs" / "guide.md").write_text("# guide\n")
+    app = nano_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        before = app.turns_done
+        await _ask(pilot, app, "What is 17 * 23?")
+        await wait_for(pilot, lambda: app.turns_done > before, timeout=120, what="the first answer")
+        cards = list(app.query(ToolCard))
+        assert [c.call.name for c in cards] == ["calculator"], [m.to_openai() for m in app.messages]
+        assert cards[0].status == "ok" and cards[0].result.output == "391"
+        assert "391" in list(app.query(AssistantMessage))[-1].text
+
+        before = app.turns_done
+        await _ask(pilot, app, "Hi!")
+        await wait_for(pilot, lambda: app.turns_done > before, timeout=120, what="the greeting's reply")
+        assert len(app.query(ToolCard)) == 1, [m.to_openai() for m in app.messages]
+        greeting = list(app.query(AssistantMessage))[-1].text
+        assert len(greeting.split()) >= 3, greeting
+
+        before = app.turns_done
+        await _ask(pilot, app, "Show me the files in docs.")
+        await wait_for(pilot, lambda: app.turns_done > before, timeout=120, what="the file answer")
+        cards = list(app.query(ToolCard))
+        assert [c.call.name for c in cards] == ["calculator", "list_dir"], [m.to_openai() for m in app.messages]
+        roles = [m.role for m in app.store.messages(app.session_id)]
+        assert roles[:9] == ["user", "assistant", "tool", "assistant", "user", "assistant", "user", "assistant", "tool"]
+        if cards[1].call.parsed_arguments() != {"path": "docs"}:  # known gap, docs/NANO.md
+            pytest.xfail(f"k2-nano picks list_dir on turn 3 but copies the folder name wrong: "
+                         f"{cards[1].call.parsed_arguments()}")
+        assert cards[1].status == "ok" and "guide.md" in cards[1].result.output
