@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from k2mlx.errors import ClusterError
+from k2mlx.procs import pid_alive
 
 log = logging.getLogger("k2mlx.distributed.state")
 
@@ -48,20 +49,7 @@ def cluster_key(addresses: list[str], port: int) -> str:
     return f"{safe}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
-def alive(pid) -> bool:
-    if type(pid) is not int or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is not running
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True  # no /proc (macOS): kill(0) is the answer
+alive = pid_alive  # the cluster commands' name for it
 
 
 def group_alive(pgid) -> bool:

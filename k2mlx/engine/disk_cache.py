@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from k2mlx.procs import pid_alive
+
 log = logging.getLogger(__name__)
 
 FORMAT = "k2mlx-prompt-cache/1"
@@ -80,16 +82,6 @@ def chain_hashes(identity: str, tokens, block: int) -> list[str]:
         h.update(arr[i * block:(i + 1) * block].tobytes())
         out.append(h.copy().hexdigest()[:40])
     return out
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def kv_arrays(cache) -> list[tuple] | None:
@@ -440,7 +432,7 @@ class DiskPrefixCache:
                     pid = int(f.name[len(_TMP_PREFIX):].split("-", 1)[0])
                 except ValueError:
                     pid = -1
-                if pid <= 0 or (pid != os.getpid() and not _pid_alive(pid)):
+                if pid <= 0 or (pid != os.getpid() and not pid_alive(pid)):
                     log.info("prompt cache: removing %s, left by a process that is gone", f)
                     self._unlink(f)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from k2mlx.errors import CheckpointError, ConfigError, K2Error
+from k2mlx.procs import pid_alive
 
 from . import shards
 from .formats import FLOAT, Source, decode_module, dequantize, detect, logical_shape, split_name
@@ -434,16 +435,6 @@ def _cleanup_on_signals() -> dict:
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)$")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 def remove_stale_partials(dst: Path, say=None) -> list[Path]:
     """Remove `.DST.partial-PID` folders beside DST whose process is gone (a convert killed with
     SIGKILL or by a power loss), and `.DST.old-PID` ones once DST exists again (an interrupted
@@ -455,7 +446,7 @@ def remove_stale_partials(dst: Path, say=None) -> list[Path]:
         if m is None or m["name"] != Path(dst).name or p.is_symlink() or not p.is_dir():
             continue
         pid = int(m["pid"])
-        if pid == os.getpid() or _pid_alive(pid) or (m["kind"] == "old" and not Path(dst).exists()):
+        if pid == os.getpid() or pid_alive(pid) or (m["kind"] == "old" and not Path(dst).exists()):
             continue
         shutil.rmtree(p)
         say(f"removed {p}, left behind by an interrupted convert (process {pid} is gone)")
