@@ -83,9 +83,7 @@ async def test_nano_lists_a_folder(nano_app, workspace):
 async def test_nano_three_turn_chat(nano_app, workspace):
     """One chat, three turns on k2-nano: a sum calls the calculator and states its result; then
     "Hi!" is answered in words (no tool call: the previous k2-nano called the calculator with
-    made-up numbers); then a file question calls list_dir (not the calculator) on the folder.
-    Known gap: the shipped model chooses list_dir but names another folder in this third turn,
-    so the folder check ends the test as an xfail; a wrong tool or a tool call on "Hi!" fails it."""
+    made-up numbers); then a file question calls list_dir (not the calculator) on the folder."""
     (workspace / "docs").mkdir()
     (workspace / "docs" / "guide.md").write_text("# guide\n")
     app = nano_app()
@@ -112,7 +110,5 @@ async def test_nano_three_turn_chat(nano_app, workspace):
         assert [c.call.name for c in cards] == ["calculator", "list_dir"], [m.to_openai() for m in app.messages]
         roles = [m.role for m in app.store.messages(app.session_id)]
         assert roles[:9] == ["user", "assistant", "tool", "assistant", "user", "assistant", "user", "assistant", "tool"]
-        if cards[1].call.parsed_arguments() != {"path": "docs"}:  # known gap, docs/NANO.md
-            pytest.xfail(f"k2-nano picks list_dir on turn 3 but copies the folder name wrong: "
-                         f"{cards[1].call.parsed_arguments()}")
+        assert cards[1].call.parsed_arguments() == {"path": "docs"}
         assert cards[1].status == "ok" and "guide.md" in cards[1].result.output
