@@ -2,7 +2,7 @@
 server sends bytes at least every 2 s, while it waits for the first token of a long prefill:
 SSE comment lines on OpenAI streams, `ping` events on Anthropic streams.
 
-A prompt of ~3,000 tokens takes seconds to prefill on a CPU even with the tiny model (the
+A prompt of ~5,000 tokens takes seconds to prefill on a CPU even with the tiny model (the
 attention is quadratic); the test checks that it did (else it would prove nothing)."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 FIRST_BYTES_S = 2.0
 MAX_GAP_S = 5.0
-PROMPT_TOKENS = 3000
+PROMPT_TOKENS = 5000  # 3,000 read in 2.8 s on a quiet 2-core machine: too short to prove anything
 
 
 def timed_stream(url: str, body: dict) -> tuple[list[tuple[float, bytes]], float]:
@@ -38,7 +38,8 @@ def check(chunks, first_content: float, ping: bytes) -> None:
     assert times[0] < FIRST_BYTES_S, f"first bytes after {times[0]:.1f} s"
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert max(gaps, default=0) < MAX_GAP_S, f"a {max(gaps):.1f} s silence: {[round(t, 1) for t in times]}"
-    pings = [t for t, c in chunks if ping in c and t < first_content]
+    marks = ping if isinstance(ping, tuple) else (ping,)
+    pings = [t for t, c in chunks if any(m in c for m in marks) and t < first_content]
     # the prefill really was long, and the silence was filled with keep-alives
     assert first_content > 3.0, f"prefill took only {first_content:.1f} s: the test proves nothing"
     assert len(pings) >= int(first_content / 2.0), (len(pings), first_content)
@@ -68,7 +69,8 @@ def test_openai_stream_keeps_alive_during_a_long_prefill(server, long_prompt_ids
     finally:
         stop.set()
         watcher.join()
-    check(chunks, first, b": keep-alive\n\n")
+    # the silence is filled by keep-alives, or by the progress comments sent after each prefill chunk
+    check(chunks, first, (b": keep-alive\n\n", b": prefill "))
     assert chunks[-1][1].endswith(b"data: [DONE]\n\n")
     assert seen and all(p["total"] == len(long_prompt_ids) and 0 <= p["done"] <= p["total"] for p in seen), seen
 
@@ -105,7 +107,7 @@ def test_disconnect_during_prefill_frees_the_slot(server, tiny_tokenizer):
     from k2serve_util import metric
 
     rng = random.Random(99)
-    ids = [rng.randrange(0, tiny_tokenizer.num_base_tokens) for _ in range(2 * PROMPT_TOKENS)]  # ~20 s to read
+    ids = [rng.randrange(0, tiny_tokenizer.num_base_tokens) for _ in range(6000)]  # seconds to read; < 8,192 context
     cancelled = metric(server, "k2mlx_requests_finished_total", 'reason="cancelled"')
     with httpx.stream("POST", server + "/v1/completions", json={"prompt": ids, "max_tokens": 2, "stream": True},
                       timeout=60) as r:
