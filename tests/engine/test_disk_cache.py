@@ -49,6 +49,15 @@ def prompt_tokens(n: int, seed: int = 0) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(10, 400, size=n)]
 
 
+def stored(tmp_path, model, identity, toks):
+    """A disk cache holding toks' blocks (written and flushed), and the cache they came from."""
+    _, cache = prefill(model, toks)
+    disk = make_disk(tmp_path, model, identity)
+    disk.save(toks, kv_arrays(cache))
+    disk.flush()
+    return disk, cache
+
+
 def prefill(model, tokens):
     import mlx.core as mx
 
@@ -109,10 +118,7 @@ def test_restart_hits_and_usage_reports_cached_tokens(tmp_path, loaded, identity
 def test_garbled_truncated_and_linked_files_are_removed_and_never_used(tmp_path, loaded, identity, caplog):
     model = loaded[0]
     toks = prompt_tokens(4 * BLOCK, seed=2)
-    _, cache = prefill(model, toks)
-    disk = make_disk(tmp_path, model, identity)
-    disk.save(toks, kv_arrays(cache))
-    disk.flush()
+    disk, cache = stored(tmp_path, model, identity, toks)
     chains = chain_hashes(identity, toks, BLOCK)
     paths = [disk.folder / (c + ".kvblock") for c in chains]
     data = bytearray(paths[1].read_bytes())
@@ -138,10 +144,7 @@ def test_garbled_truncated_and_linked_files_are_removed_and_never_used(tmp_path,
 def test_another_model_or_quantization_never_hits(tmp_path, loaded, identity, tiny_checkpoint):
     model = loaded[0]
     toks = prompt_tokens(3 * BLOCK, seed=3)
-    _, cache = prefill(model, toks)
-    disk = make_disk(tmp_path, model, identity)
-    disk.save(toks, kv_arrays(cache))
-    disk.flush()
+    disk, _ = stored(tmp_path, model, identity, toks)
     other = [
         model_identity(tiny_checkpoint, model.args, model.layer_range, {"bits": 4, "group_size": 64}),
         model_identity(tiny_checkpoint, model.args, range(0, 1)),
