@@ -129,25 +129,30 @@ def mlxlm_rank_main(model_path: str, steps: int, prompt_len: int, out: str) -> i
     return 0
 
 
-def mlxlm_pipelined(model_path: str, steps: int, prompt_len: int) -> dict:
+def run_mlxlm_ranks(script: str, args: list[str], timeout: float = 900) -> dict:
+    """Two ranks of mlx-lm's own pipeline on loopback (MLX's ring backend): `script --mlxlm-rank
+    ARGS --out FILE` in two processes; rank 0's JSON from FILE."""
     from k2mlx.distributed.hosts import free_port
 
     out = tempfile.mktemp(suffix=".json")
     hostfile = tempfile.mktemp(suffix=".json")
     with open(hostfile, "w") as f:
         json.dump([[f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"]], f)
-    procs = []
-    for r in range(2):
-        env = {**os.environ, "MLX_HOSTFILE": hostfile, "MLX_RANK": str(r)}
-        procs.append(subprocess.Popen([sys.executable, __file__, "--mlxlm-rank", "--model", model_path,
-                                       "--steps", str(steps), "--prompt-len", str(prompt_len),
-                                       "--out", out], env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        if p.wait(timeout=900) != 0:
-            sys.exit(f"mlx-lm pipeline run failed:\n{p.stderr.read()[-3000:]}")
+    procs = [subprocess.Popen([sys.executable, script, "--mlxlm-rank", *args, "--out", out],
+                              env={**os.environ, "MLX_HOSTFILE": hostfile, "MLX_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        for p in procs:
+            if p.wait(timeout=timeout) != 0:
+                sys.exit(f"mlx-lm pipeline run failed:\n{p.stderr.read()[-3000:]}")
+    finally:
+        os.unlink(hostfile)
     with open(out) as f:
         return json.load(f)
+
+
+def mlxlm_pipelined(model_path: str, steps: int, prompt_len: int) -> dict:
+    return run_mlxlm_ranks(__file__, ["--model", model_path, "--steps", str(steps), "--prompt-len", str(prompt_len)])
 
 
 def _median(d):

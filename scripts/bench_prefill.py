@@ -91,22 +91,10 @@ def mlxlm_rank_main(model_path: str, lengths: list[int], out: str) -> int:
 
 
 def mlxlm_pipeline(model_path: str, lengths: list[int]) -> dict:
-    from k2mlx.distributed.hosts import free_port
+    from bench_pipeline import run_mlxlm_ranks
 
-    out = tempfile.mktemp(suffix=".json")
-    hostfile = tempfile.mktemp(suffix=".json")
-    with open(hostfile, "w") as f:
-        json.dump([[f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"]], f)
-    procs = [subprocess.Popen([sys.executable, __file__, "--mlxlm-rank", "--model", model_path, "--lengths",
-                               ",".join(map(str, lengths)), "--out", out, "--repeats", str(REPEATS)],
-                              env={**os.environ, "MLX_HOSTFILE": hostfile, "MLX_RANK": str(r)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
-        if p.wait(timeout=1800) != 0:
-            sys.exit(f"mlx-lm pipeline run failed:\n{p.stderr.read()[-3000:]}")
-    os.unlink(hostfile)
-    with open(out) as f:
-        return json.load(f)
+    return run_mlxlm_ranks(__file__, ["--model", model_path, "--lengths", ",".join(map(str, lengths)),
+                                      "--repeats", str(REPEATS)], timeout=1800)
 
 
 def projection(run: dict, comm_s: float) -> tuple[float, float]:

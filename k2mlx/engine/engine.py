@@ -65,6 +65,12 @@ class _Slot:
     pending_lp: list = field(default_factory=list)
     prefill: tuple = (0, 0)  # prompt tokens in the cache / in the prompt, while reading it
 
+    def prefill_eta(self, now: float) -> float | None:
+        """Seconds left reading the prompt, at the rate of the tokens read so far (not cached)."""
+        done, total = self.prefill
+        fresh, spent = done - self.cached, now - self.t_admit
+        return (total - done) * spent / fresh if fresh > 0 and spent > 0 else None
+
 
 @dataclass
 class _Group:
@@ -441,11 +447,9 @@ class Engine:
             slot = g.slots.get(uid)
             if slot is None or slot.t_first is not None or total <= 0:
                 continue
-            spent = now - slot.t_admit
-            eta = (total - done) * spent / done if done > 0 and spent > 0 else None
             slot.prefill = (slot.cached + done, slot.cached + total)
             if slot.prep.request.progress:
-                slot.sink(PrefillProgress(slot.cached + done, slot.cached + total, eta))
+                slot.sink(PrefillProgress(*slot.prefill, slot.prefill_eta(now)))
 
     def prefill_status(self) -> list[dict]:
         """Requests reading their prompts: tokens done / total and an ETA (for /v1/cluster)."""
@@ -463,9 +467,7 @@ class Engine:
             done, total = slot.prefill
             if slot.t_first is not None or total <= 0:
                 continue
-            spent = now - slot.t_admit
-            fresh = done - slot.cached
-            eta = (total - done) * spent / fresh if fresh > 0 and spent > 0 else None
+            eta = slot.prefill_eta(now)
             out.append({"request": slot.rid, "done": done, "total": total,
                         "eta_s": round(eta, 1) if eta is not None else None})
         return out
