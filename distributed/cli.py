@@ -246,11 +246,6 @@ def command_role(pipe, tokenizer, *, spec, health, command: str, args: dict) -> 
     ns = argparse.Namespace(**args)
     ns.hosts = None
     ns.preloaded = (pipe, tokenizer)
-    if spec.parallel == "tensor" and not getattr(ns, "no_prompt_cache", False):
-        # A disk hit would restore rank 0's caches only; the workers' copies cannot be filled
-        # from it yet (the in-memory prefix cache works: its copies are replayed on every rank).
-        log.warning("the disk prompt cache is off under --parallel tensor (not supported yet)")
-        ns.no_prompt_cache = True
     if command == "serve":
         health.info["url"] = _url(ns, spec)
 

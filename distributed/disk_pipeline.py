@@ -22,6 +22,13 @@ blocks every rank has:
   shorter (or a miss). A rank whose folder cannot be made runs without a disk cache and answers
   0 (no hit ever). A "disk_load" whose pin is missing can only be a protocol bug: the rank fails
   loudly (the cluster reports it) rather than run with caches that differ from rank 0's view.
+
+Under tensor parallelism (`TensorDiskCache`) the same protocol runs with every rank owning every
+layer: the latent KV cache is replicated (distributed/tensor.py), so each rank stores and reads
+whole blocks of all layers, and the ops go to every worker (OpLog key ALL). A rank's identity
+adds "tensor rank r of N", so ranks sharing a folder on one host keep separate blocks (a hit on
+one never depends on another's files or evictions), as ranks on separate hosts do. A hit is the
+shortest count over the ranks, as above.
 """
 from __future__ import annotations
 
@@ -54,10 +61,16 @@ def cache_settings(role_args: dict) -> dict | None:
     return {"dir": args.get("prompt_cache_dir"), "gb": gb, "block": block}
 
 
-def open_stage_cache(model, path, settings: dict):
+def open_stage_cache(model, path, settings: dict, tag: str = ""):
     from k2mlx.engine.disk_cache import open_prompt_cache
 
-    return open_prompt_cache(model, path, settings["dir"], max_gb=settings["gb"], block=settings["block"])
+    return open_prompt_cache(model, path, settings["dir"], max_gb=settings["gb"], block=settings["block"], tag=tag)
+
+
+def tensor_tag(spec, rank: int) -> str:
+    """The identity tag of a tensor-parallel rank's blocks ('' on a pipeline: its layer range
+    already tells the ranks apart)."""
+    return f"tensor rank {rank} of {spec.size}" if spec.parallel == "tensor" else ""
 
 
 class PipelineDiskCache:
@@ -234,18 +247,73 @@ def open_worker_disk(spec, rank: int, model) -> WorkerDisk | None:
         return None
     path = spec.model_paths[rank] if spec.model_paths else spec.model
     try:
-        return WorkerDisk(open_stage_cache(model, path, settings))
+        return WorkerDisk(open_stage_cache(model, path, settings, tensor_tag(spec, rank)))
     except OSError:
         log.exception("rank %d: cannot use the prompt cache folder %s; running without (no disk hits)",
                       rank, settings["dir"] or "(default)")
         return WorkerDisk(None)
 
 
-def open_for_pipeline(pipe, path, directory, max_gb: float, block: int = 256):
-    """Rank 0's disk cache for a PipelineModel (None for any other model with `submit`)."""
+def open_for_cluster(pipe, path, directory, max_gb: float, block: int = 256):
+    """Rank 0's disk cache for a PipelineModel or a TensorModel (None for any other model)."""
     from .pipeline import PipelineModel
+    from .tensor import TensorModel
 
-    if not isinstance(pipe, PipelineModel):
+    kind = {PipelineModel: PipelineDiskCache, TensorModel: TensorDiskCache}.get(type(pipe))
+    if kind is None:
         return None
-    return PipelineDiskCache(pipe, open_stage_cache(pipe.model, path, {"dir": directory, "gb": max_gb,
-                                                                       "block": block}))
+    tag = tensor_tag(pipe.link.spec, 0)
+    return kind(pipe, open_stage_cache(pipe.model, path, {"dir": directory, "gb": max_gb, "block": block}, tag))
+
+
+class TensorDiskCache(PipelineDiskCache):
+    """Rank 0's disk cache of a TensorModel: whole blocks on every rank (see the module docstring)."""
+
+    def restore(self, tokens, beyond: int = 0, limit: int | None = None, copies: int = 1):
+        from k2mlx.mlxlm_adapter import kv_cache_holding
+
+        from .pipeline import OP_DISK
+        from .tensor import ALL, MirrorCache
+
+        disk, block = self.local, self.block
+        parts = disk.read_blocks(tokens, beyond, limit)
+        if not parts:
+            disk.misses += 1
+            return 0, []
+        pin, n0 = next(self._pins), len(parts)
+        ask = {"pin": pin, "tokens": [int(t) for t in tokens[:n0 * block]], "n": n0}
+        k = min(n0, int(json.loads(self.pipe.ask(OP_DISK, json.dumps(ask).encode()))["n"]))
+        if k < n0:
+            self.short_hits += 1
+        n = k * block
+        if n <= beyond:
+            self.pipe.log.add(ALL, ["disk_unpin", pin])
+            disk.misses += 1
+            return 0, []
+        kv = disk.join(parts[:k])
+        entries, out = [], []
+        for _ in range(copies):
+            # no "new" op: the workers' "disk_load" below creates each cache from its own blocks
+            cache = [MirrorCache(kv_cache_holding(*kv[i]), ALL, self.pipe.log) for i in range(len(kv))]
+            entries += [[c._oid, i] for i, c in enumerate(cache)]
+            out.append(cache)
+        self.pipe.log.add(ALL, ["disk_load", pin, n, entries])  # before any op of these caches
+        disk.hits += 1
+        disk.loaded_tokens += n
+        return n, out
+
+    def save_cache(self, tokens, cache) -> int:
+        from .tensor import ALL, MirrorCache
+
+        if len(tokens) < self.block or not all(isinstance(c, MirrorCache) for c in cache):
+            return 0
+        kv = kv_arrays([c._shadow for c in cache])
+        if kv is None or len(kv) != len(self.local.layers):
+            return 0
+        toks = [int(t) for t in tokens]
+        self.pipe.log.add(ALL, ["disk_save", toks, [c._oid for c in cache]])
+        self.pipe.flush_ops()  # sent now: an idle server may be stopped before the next forward
+        return self.local.save(toks, kv)
+
+    def stats(self) -> dict:
+        return {**self.local.stats(), "ranks": self.pipe.link.size, "short_hits": self.short_hits}

@@ -107,6 +107,20 @@ def load_tensor_shard(spec, rank: int, group):
     return model, tokenizer
 
 
+def run_worker(loop, model, link, spec, rank: int) -> int:
+    """Ranks 1..N-1: follow rank 0 until it stops us, with this rank's part of the disk prompt
+    cache (its layers on a pipeline, every layer under tensor parallelism)."""
+    from .disk_pipeline import open_worker_disk
+
+    disk = open_worker_disk(spec, rank, model)
+    try:
+        loop(model, link, disk)
+    finally:
+        if disk is not None:
+            disk.close()  # queued blocks are written before the rank exits
+    return 0
+
+
 def resolve(role: str):
     mod, _, fn = role.partition(":")
     return getattr(importlib.import_module(mod), fn)
@@ -142,21 +156,12 @@ def main() -> int:
 
             model, tokenizer = load_tensor_shard(spec, rank, group)
             if rank != 0:
-                tensor.worker_loop(model, link)
-                return 0
+                return run_worker(tensor.worker_loop, model, link, spec, rank)
             pipe = tensor.TensorModel(model, link)
         else:
             model, tokenizer = load_stage(spec, rank)
             if rank != 0:
-                from .disk_pipeline import open_worker_disk
-
-                disk = open_worker_disk(spec, rank, model)  # its layers' part of the prompt cache
-                try:
-                    worker_loop(model, link, disk)
-                finally:
-                    if disk is not None:
-                        disk.close()  # queued blocks are written before the rank exits
-                return 0
+                return run_worker(worker_loop, model, link, spec, rank)
             pipe = PipelineModel(model, link, model.args.num_hidden_layers)
         try:
             rc = resolve(spec.role)(pipe, tokenizer, spec=spec, health=health, **spec.role_args)

@@ -40,7 +40,7 @@ import mlx.nn as nn
 
 from k2mlx.errors import ClusterError, ConfigError
 
-from .pipeline import OP_FORWARD, OP_STATS, OP_STOP, Timeline
+from .pipeline import OP_DISK, OP_FORWARD, OP_STATS, OP_STOP, Timeline
 from .remote_cache import OpLog, RemoteCache, apply_ops
 
 log = logging.getLogger("k2mlx.distributed.tensor")
@@ -225,9 +225,21 @@ class TensorModel:
         self.timeline.steps.append((self._step, 0.0, time.perf_counter() - t0, time.process_time() - c0))
         return self.model.head(h)  # [B, L, vocab], replicated head: local
 
-    def flush_ops(self) -> None:
-        """Send queued cache ops (e.g. frees) without a forward."""
+    def flush_ops(self, wait: bool = True) -> None:
+        """Send queued cache ops (e.g. frees) without a forward. No rank answers one, so there
+        is nothing to wait for (`wait` is the pipeline's signature)."""
         self._send(OP_FORWARD, 0, 0, None)
+
+    def ask(self, op: int, payload: bytes = b"") -> bytes:
+        """One synchronous trip of `payload` round the ring (the disk prompt cache's lookup:
+        each worker answers by passing on its version; disk_pipeline.py)."""
+        self._step += 1
+        self.link.send_meta([op, len(payload), 0, 0, 0, self._step, 0, 0], payload, self.link.next)
+        meta, answer = self.link.recv_meta(self.link.prev)
+        if meta[0] != op or meta[5] != self._step:
+            raise ClusterError(f"tensor group out of order: got op {meta[0]} step {meta[5]}, expected op {op} "
+                               f"step {self._step}", rank=self.link.prev)
+        return answer
 
     def stats(self) -> list[dict]:
         """Every rank's step records, gathered round the ring."""
@@ -249,8 +261,9 @@ def _eval(x: mx.array, link) -> None:
 
 
 # ---- ranks 1..N-1 -------------------------------------------------------------------------------
-def worker_loop(model, link) -> None:
-    """Follow rank 0's steps until OP_STOP: replay cache ops, run the same forward."""
+def worker_loop(model, link, disk=None) -> None:
+    """Follow rank 0's steps until OP_STOP: replay cache ops, run the same forward. disk: this
+    rank's disk prompt cache (a disk_pipeline.WorkerDisk holding every layer) or None."""
     objects: dict[int, Any] = {}
     timeline = Timeline(link.rank)
 
@@ -268,6 +281,12 @@ def worker_loop(model, link) -> None:
             data = json.dumps(got).encode()
             link.send_meta([OP_STATS, len(data), 0, 0, 0, step], data, link.next)
             continue
+        if op == OP_DISK:  # answer and pass on; the last rank's answer goes back to rank 0
+            from .disk_pipeline import answer
+
+            data = answer(disk, payload)
+            link.send_meta([OP_DISK, len(data), 0, 0, 0, step], data, link.next)
+            continue
         if not last:
             link.send_meta(meta, payload, link.next)
         if op == OP_STOP:
@@ -275,7 +294,7 @@ def worker_loop(model, link) -> None:
         msg = json.loads(payload)
         mine = msg["ops"].get(str(ALL), [])
         if mine:
-            apply_ops(mine, objects, make_layer_cache)
+            apply_ops(mine, objects, make_layer_cache, disk.apply if disk is not None else None)
         if B == 0:
             continue
         tokens = link.recv((B, L), mx.int32, link.prev)

@@ -110,8 +110,9 @@ def resolve_api_key(args) -> str | None:
 
 
 def open_disk_cache(args, model, path):
-    """The persistent prompt cache for this model, or None (turned off, or tensor parallelism).
-    On a pipeline (`--hosts`) each rank keeps its own layers' part (distributed/disk_pipeline.py)."""
+    """The persistent prompt cache for this model, or None (turned off). On a cluster (`--hosts`)
+    each rank keeps its own part: its layers on a pipeline, whole blocks under tensor parallelism
+    (distributed/disk_pipeline.py)."""
     import math
 
     from k2mlx.errors import RequestError
@@ -125,10 +126,10 @@ def open_disk_cache(args, model, path):
 
     block = getattr(args, "prompt_cache_block", 256)  # no flag: tests use small blocks
     try:
-        if hasattr(model, "submit"):  # a cluster's rank 0 (None under tensor parallelism)
-            from k2mlx.distributed.disk_pipeline import open_for_pipeline
+        if getattr(model, "link", None) is not None:  # a cluster's rank 0 (pipeline or tensor)
+            from k2mlx.distributed.disk_pipeline import open_for_cluster
 
-            return open_for_pipeline(model, path, args.prompt_cache_dir, gb, block=block)
+            return open_for_cluster(model, path, args.prompt_cache_dir, gb, block=block)
         return open_prompt_cache(model, path, args.prompt_cache_dir, max_gb=gb, block=block)
     except OSError as e:
         raise RequestError(f"cannot use --prompt-cache-dir {args.prompt_cache_dir or '(default)'}: "

@@ -455,13 +455,16 @@ class DiskPrefixCache:
                 "bad_files": self.bad_files}
 
 
-def open_prompt_cache(model, path, directory=None, max_gb: float = 20.0, block: int = 256):
+def open_prompt_cache(model, path, directory=None, max_gb: float = 20.0, block: int = 256, tag: str = ""):
     """The disk cache for a loaded model (None when max_gb <= 0). Raises OSError when the
-    folder cannot be made."""
+    folder cannot be made. `tag` is hashed into the identity (a tensor-parallel rank's "tensor
+    rank r of N": its blocks are its own, even in a folder its peers share)."""
     if max_gb <= 0:
         return None
     args = model.args
     ident = model_identity(path, args, model.layer_range, model=model)
+    if tag:
+        ident = hashlib.sha256(f"{ident} {tag}".encode()).hexdigest()
     width = int(getattr(args, "kv_lora_rank", 0) + getattr(args, "qk_rope_head_dim", 0)) or 1 << 12
     return DiskPrefixCache(directory or default_dir(), int(max_gb * (1 << 30)), ident, list(model.layer_range),
                            block=block, width=width)

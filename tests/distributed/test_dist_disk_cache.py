@@ -2,7 +2,8 @@
 loopback (float32 tiny checkpoint, blocks of 16 tokens): each rank writes only its own layers'
 blocks; a restart hits with the same logprobs as one process without any cache, and the engine's
 cached-token count says so; a block deleted or garbled on ONE rank only makes the hit shorter
-(or a miss), never the output different; --no-prompt-cache writes nothing on any rank."""
+(or a miss), never the output different; --no-prompt-cache writes nothing on any rank. The same
+under tensor parallelism, where every rank keeps whole blocks of every layer."""
 from __future__ import annotations
 
 import json
@@ -24,20 +25,22 @@ def prompt(n: int, seed: int) -> list[int]:
 PROMPTS = [prompt(4 * BLOCK + 6, s) for s in (1, 2, 3)]  # 4 whole blocks before the last token
 
 
-def launch(ckpt, role_args: dict, layers=((0, 2), (2, 4)), timeout=300):
-    cmd = [sys.executable, "-m", "k2mlx.distributed.launch", "--hosts", ",".join(["127.0.0.1"] * len(layers)),
-           "--model", str(ckpt), "--role", ROLE, "--role-args", json.dumps(role_args),
-           "--layers", json.dumps([list(r) for r in layers])]
+def launch(ckpt, role_args: dict, layers=((0, 2), (2, 4)), timeout=300, tensor: int = 0):
+    """Ranks on loopback: a pipeline over `layers`, or `tensor` tensor-parallel ranks."""
+    n = tensor or len(layers)
+    cmd = [sys.executable, "-m", "k2mlx.distributed.launch", "--hosts", ",".join(["127.0.0.1"] * n),
+           "--model", str(ckpt), "--role", ROLE, "--role-args", json.dumps(role_args)]
+    cmd += ["--parallel", "tensor"] if tensor else ["--layers", json.dumps([list(r) for r in layers])]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"launcher failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
     return p
 
 
-def run_pipeline(ckpt, tmp_path, name: str, layers=((0, 2), (2, 4)), **kw) -> dict:
+def run_pipeline(ckpt, tmp_path, name: str, layers=((0, 2), (2, 4)), tensor: int = 0, **kw) -> dict:
     out = tmp_path / f"{name}.json"
     args = {"prompts": PROMPTS, "out": str(out), "prompt_cache_dir": str(tmp_path / "pc"), "prompt_cache_gb": 1.0,
             "prompt_cache_block": BLOCK, **kw}
-    p = launch(ckpt, args, layers)
+    p = launch(ckpt, args, layers, tensor=tensor)
     return {**json.loads(out.read_text()), "stderr": p.stderr}
 
 
@@ -221,3 +224,92 @@ def test_blocks_of_one_process_never_hit_a_pipeline_in_the_same_folder(tiny_chec
     got = run_pipeline(tiny_checkpoint, tmp_path, "pp")  # other layer ranges: other identities
     assert [r["cached"] for r in got["runs"]] == [0, 0, 0]
     assert_same(reference, got)
+
+
+# ---- tensor parallelism: every rank keeps whole blocks of every layer ---------------------------
+def tensor_folders(root, stats: dict) -> tuple:
+    """(rank 0's folder, rank 1's folder): rank 0 names its own in its stats."""
+    mine = root / stats["dir"].rsplit("/", 1)[-1]
+    other = [d for d in root.iterdir() if d.is_dir() and d != mine]
+    assert mine.is_dir() and len(other) == 1, list(root.iterdir())
+    return mine, other[0]
+
+
+def test_tensor_ranks_keep_whole_blocks_and_a_restart_hits_with_one_process_logprobs(tiny_checkpoint, tmp_path,
+                                                                                    reference):
+    cold = run_pipeline(tiny_checkpoint, tmp_path, "cold", tensor=2)
+    assert [r["cached"] for r in cold["runs"]] == [0, 0, 0]
+    assert_same(reference, cold)
+    r0, r1 = tensor_folders(tmp_path / "pc", cold["stats"])
+    for f in (r0, r1):  # each rank wrote its own copy of every block, with every layer in it
+        files = list(f.glob("*.kvblock"))
+        assert len(files) == 3 * 4 and {header(b)["layers"] for b in files} == {"0,1,2,3"}
+    warm = run_pipeline(tiny_checkpoint, tmp_path, "warm", tensor=2)  # the whole group restarted
+    assert [r["cached"] for r in warm["runs"]] == [4 * BLOCK] * 3
+    assert warm["stats"]["hits"] == 3 and warm["stats"]["short_hits"] == 0 and warm["stats"]["ranks"] == 2
+    assert_same(reference, warm)
+    # a block missing on ONE rank makes the hit shorter there, never the output different
+    block_file(r1, PROMPTS[0], 1).unlink()  # rank 1 only: prompt 0 keeps block 0
+    block_file(r0, PROMPTS[1], 0).unlink()  # rank 0 only: prompt 1 misses
+    again = run_pipeline(tiny_checkpoint, tmp_path, "again", tensor=2)
+    assert [r["cached"] for r in again["runs"]] == [BLOCK, 0, 4 * BLOCK]
+    assert again["stats"]["short_hits"] == 1
+    assert_same(reference, again)
+
+
+def test_tensor_blocks_never_hit_a_pipeline_or_one_process(tiny_checkpoint, tmp_path, reference):
+    """Other shapes, other identities: a tensor rank's blocks are its own."""
+    run_pipeline(tiny_checkpoint, tmp_path, "tp", tensor=2)
+    pp = run_pipeline(tiny_checkpoint, tmp_path, "pp")
+    assert [r["cached"] for r in pp["runs"]] == [0, 0, 0]
+    assert_same(reference, pp)
+
+
+def test_serve_hosts_tensor_restart_hits_the_disk_cache(tiny_checkpoint, tmp_path, monkeypatch):
+    """`k2mlx serve --hosts 127.0.0.1,127.0.0.1 --parallel tensor`: the disk cache is on (it was
+    off under tensor before), a restart answers from it and says so in usage, same answer."""
+    import os
+    import time
+
+    import httpx
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "server"))
+    from k2serve_util import start_server, stop_server
+
+    monkeypatch.setenv("K2MLX_STATE_DIR", str(tmp_path / "state"))
+    system = " ".join(f"rule {i}: keep the tests green and the diffs small." for i in range(50))  # ~600 tokens
+    folder = tmp_path / "pc"
+    args = ("--hosts", "127.0.0.1,127.0.0.1", "--parallel", "tensor", "--prompt-cache-dir", str(folder),
+            "--cache-gb", "0")
+
+    def chat(base):
+        r = httpx.post(base + "/v1/chat/completions", timeout=180, json={
+            "model": "k2-tiny", "max_tokens": 4, "temperature": 0, "logprobs": True,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Rule 3?"}]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        lps = [c["logprob"] for c in body["choices"][0]["logprobs"]["content"]]
+        return body["choices"][0]["message"]["content"], lps, body["usage"]
+
+    proc, base = start_server(tiny_checkpoint, *args)
+    try:
+        text0, lps0, usage0 = chat(base)
+        deadline = time.time() + 60  # both ranks write off the request path
+        while time.time() < deadline:
+            subs = [d for d in folder.iterdir() if d.is_dir()] if folder.is_dir() else []
+            if len(subs) == 2 and all(len(list(d.glob("*.kvblock"))) >= 2 for d in subs):
+                break
+            time.sleep(0.2)
+    finally:
+        stop_server(proc)
+    assert (usage0.get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
+    assert len([d for d in folder.iterdir() if d.is_dir()]) == 2  # one folder per rank
+    proc, base = start_server(tiny_checkpoint, *args)
+    try:
+        text1, lps1, usage1 = chat(base)
+    finally:
+        stop_server(proc)
+    hit = usage1["prompt_tokens_details"]["cached_tokens"]
+    assert hit >= 2 * 256 and hit % 256 == 0 and hit < usage1["prompt_tokens"]
+    assert text1 == text0 and len(lps1) == len(lps0) == 4
+    assert max(abs(a - b) for a, b in zip(lps0, lps1)) <= 1e-5
