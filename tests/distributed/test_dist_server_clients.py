@@ -52,3 +52,67 @@ def test_cluster_endpoint_lists_ranks(server):
         assert layers[0] == layers[1] == [0, 4]
     else:
         assert layers[0][0] == 0 and layers[1][0] == layers[0][1]  # contiguous [start, stop) split
+
+
+# ---- structured output over the cluster: masks are applied on rank 0, to the logits it gathers --
+def _constrained_requests():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "grammar"))
+    from test_api_constrained import OA_TOOLS, SCHEMA, USER, rf
+
+    return [("/v1/chat/completions", {"messages": USER, "temperature": 0, "max_tokens": 200,
+                                      "response_format": rf(SCHEMA)}),
+            ("/v1/chat/completions", {"messages": USER, "temperature": 0, "max_tokens": 200, "tools": OA_TOOLS,
+                                      "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+            ("/v1/chat/completions", {"messages": USER, "temperature": 0, "max_tokens": 300,
+                                      "response_format": {"type": "json_object"}})], SCHEMA
+
+
+def _answer(body: dict):
+    msg = body["choices"][0]["message"]
+    return msg.get("content"), [(c["function"]["name"], c["function"]["arguments"]) for c in msg.get("tool_calls") or []]
+
+
+@pytest.fixture(scope="module")
+def one_process_constrained(tiny_checkpoint):
+    """The same constrained requests answered by one process (the app in-process)."""
+    import asyncio
+
+    import httpx
+
+    from k2mlx import load
+    from k2mlx.engine import Engine
+    from k2mlx.server import create_app
+
+    reqs, _ = _constrained_requests()
+    eng = Engine(*load(tiny_checkpoint), max_batch=4, model_name="k2-tiny")
+
+    async def ask():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(eng)),
+                                     base_url="http://127.0.0.1", timeout=120) as c:
+            return [(await c.post(route, json=body)).json() for route, body in reqs]
+
+    try:
+        return asyncio.run(ask())
+    finally:
+        eng.close()
+
+
+def test_structured_output_over_the_cluster_matches_one_process(server, one_process_constrained):
+    """JSON schema, a forced tool call and json_object, greedy: the cluster (pipeline and tensor)
+    answers exactly what one process answers, and the answers follow their schemas."""
+    import json
+
+    import httpx
+    import jsonschema
+
+    reqs, schema = _constrained_requests()
+    for (route, body), ref in zip(reqs, one_process_constrained, strict=True):
+        r = httpx.post(server + route, json=body, timeout=180)
+        assert r.status_code == 200, r.text
+        assert r.json().get("constrained") is True
+        assert _answer(r.json()) == _answer(ref)
+    content, _ = _answer(one_process_constrained[0])
+    jsonschema.validate(json.loads(content), schema)
+    (name, arguments), = _answer(one_process_constrained[1])[1]
+    assert name == "get_weather" and isinstance(json.loads(arguments), dict)
+    assert isinstance(json.loads(_answer(one_process_constrained[2])[0]), dict)
