@@ -133,9 +133,13 @@ def _print(p: dict) -> None:
         con.print(f"[red]does not fit[/]: {_gb(sum(n for _, n in short))} short in all ({each}); "
                   "use fewer bits, more hosts or a shorter context.")
     # the usable column assumes this limit; raising it never makes a plan that is short fit
-    con.print("On macOS let the GPU wire that much memory (per host, until reboot):")
+    if p["fits"]:
+        con.print("On macOS let the GPU wire that much memory (per host, until reboot):")
+    else:  # no setup advice for a plan that cannot run: only what "usable" assumed
+        con.print("usable assumes the largest GPU wired limit that leaves macOS its reserve:")
     for h in p["hosts"]:
         if h["wired_limit_mb"] > 0:
-            con.print(f"  host {h['host']}: sudo sysctl iogpu.wired_limit_mb={h['wired_limit_mb']}")
+            con.print(f"  host {h['host']}: " + ("sudo sysctl " if p["fits"] else "")
+                      + f"iogpu.wired_limit_mb={h['wired_limit_mb']}")
         else:
             con.print(f"  host {h['host']}: {h['memory_gb']:g} GB is all kept for macOS: nothing can be wired")

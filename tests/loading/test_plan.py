@@ -98,6 +98,7 @@ def test_plan_cli_json_and_verdict(capsys):
     rc = cli_main(["plan", "--model", str(K2_CONFIG), "--hosts", "2", "--memory", "256"])
     out = capsys.readouterr().out
     assert rc == 2 and "does not fit" in out and "iogpu.wired_limit_mb=" in out
+    assert "sudo sysctl" not in out  # no setup advice for a plan that cannot run
     assert cli_main(["plan", "--model", str(K2_CONFIG), "--memory", "512,512"]) == 0
     assert "sudo sysctl iogpu.wired_limit_mb=491520" in capsys.readouterr().out
 
