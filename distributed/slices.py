@@ -11,11 +11,22 @@ stacked into the `switch_mlp` tensor. A rank's memory after load is its shard pl
 replicated parts, not the whole model.
 
 Formats: MLX checkpoints (float or affine-quantized, kv_b or split MLA), float Hugging Face
-checkpoints and compressed-tensors INT4 (K2-Thinking; the packed words, group scales and the
-logical shape are sliced alike). Native FP8 is not: its 128x128 block scales rarely fall on a
-rank's slice bounds; for it (and transformers-5 fused experts) `load_shard` returns None and
-the rank loads the whole checkpoint and keeps its slices (`tensor.shard_model`), peaking at the
-full size.
+checkpoints, compressed-tensors INT4 (K2-Thinking; the packed words, group scales and the
+logical shape are sliced alike) and native FP8 (K2-Instruct: e4m3 codes [out, in] with float32
+`weight_scale_inv` [ceil(out/bo), ceil(in/bi)] per bo x bi block, 128 x 128 in K2). An FP8
+weight is read as exactly its slice of codes plus the rows (or columns) of the scale grid
+covering it, rounded out to whole blocks; the block scales are expanded along the sliced axis
+and cut to the slice, and the existing exact dequantization (`formats.fp8.dequantize`, float32,
+what `load_model` keeps without a dtype) runs on the slice, so slice bounds need not fall on
+block boundaries. At K2 scale they do for 2, 4, 8 and 16 ranks: per rank, q_b_proj rows
+64/N heads x 192, kv_b_proj rows 64/N x 256, o_proj columns 64/N x 128, every expert's and the
+shared expert's 2048/N intermediate rows (down_proj columns) and the dense MLP's 18432/N are all
+multiples of 128 (N = 32 is the first that is not: experts 64). Replicated FP8 weights (q_a_proj,
+kv_a_proj_with_mqa) are read whole and dequantized the same way.
+
+Not sliced: transformers-5 fused experts (`mlp.experts.gate_up_proj` [E, 2I, H]): for them
+`load_shard` returns None and the rank loads the whole checkpoint and keeps its slices
+(`tensor.shard_model`), peaking at the full size.
 """
 from __future__ import annotations
 
@@ -35,7 +46,8 @@ log = logging.getLogger("k2mlx.distributed.slices")
 # safetensors dtype -> (numpy dtype read from the file, MLX dtype it becomes)
 _DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, "bfloat16"),
            "U32": (np.uint32, None), "I32": (np.int32, None), "U8": (np.uint8, None),
-           "I8": (np.int8, None), "I64": (np.int64, None), "U16": (np.uint16, None)}
+           "I8": (np.int8, None), "I64": (np.int64, None), "U16": (np.uint16, None),
+           "F8_E4M3": (np.uint8, None)}  # fp8 codes: decoded by formats.fp8
 
 
 class SafetensorsFile:
@@ -52,6 +64,13 @@ class SafetensorsFile:
         except (OSError, ValueError, struct.error) as e:
             raise CheckpointError(f"not a readable safetensors file ({e})", file=str(path)) from e
         self.data_start = 8 + n
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype, shape) of a tensor, from the header alone."""
+        info = self.header.get(name)
+        if not isinstance(info, dict) or not isinstance(info.get("shape"), list):
+            raise CheckpointError("tensor listed in the index is not in its file", file=str(self.path), tensor=name)
+        return str(info.get("dtype")), tuple(int(d) for d in info["shape"])
 
     def read(self, name: str, axis: int | None = None, start: int = 0, stop: int = 0) -> mx.array:
         info = self.header.get(name)
@@ -80,14 +99,46 @@ class SafetensorsFile:
         return arr.view(getattr(mx, mx_dtype)) if mx_dtype else arr
 
 
-def _unsupported(config: dict, index: dict) -> str | None:
-    from k2mlx.loading.formats.fp8 import is_fp8_config
-
-    if is_fp8_config(config):
-        return "native FP8"  # its 128x128 block scales rarely fall on a rank's slice bounds
+def _unsupported(index: dict) -> str | None:
     if any(re.search(r"\.experts\.(gate_up_proj|down_proj)(\.weight)?$", n) for n in index):
         return "fused experts (transformers 5)"
     return None
+
+
+def _read_fp8(wfile: SafetensorsFile, name: str, sfile: SafetensorsFile, scale_name: str,
+              block: tuple[int, int], c: tuple[int, int, int] | None) -> mx.array:
+    """float32 values of an FP8 weight, or of its slice `c` = (axis, start, stop): the codes of
+    the slice only, the scale grid's rows (columns) covering it, and the loader's own exact
+    dequantization with the block scales expanded along the sliced axis (block 1 there)."""
+    from k2mlx.loading.formats.fp8 import SCALE_SUFFIX, dequantize
+
+    base = name[: -len(".weight")]
+    kind, shape = wfile.info(name)
+    if kind not in ("F8_E4M3", "U8") or len(shape) != 2:
+        raise CheckpointError(f"an fp8 weight must be 2-D e4m3 codes, got {kind} {list(shape)}",
+                              file=str(wfile.path), tensor=name)
+    grid = tuple(-(-d // b) for d, b in zip(shape, block))
+    skind, sshape = sfile.info(scale_name)
+    if skind not in ("F32", "BF16", "F16"):
+        raise CheckpointError(f"an fp8 block scale must be float, got {skind}", file=str(sfile.path),
+                              tensor=scale_name)
+    if sshape != grid:
+        raise CheckpointError(f"fp8 block scale has shape {sshape}, expected {grid} for a weight of shape "
+                              f"{shape} with {block[0]}x{block[1]} blocks", file=str(sfile.path),
+                              tensor=base + SCALE_SUFFIX)
+    if c is None:
+        return dequantize(wfile.read(name), sfile.read(scale_name), block, name=base, file=str(wfile.path))
+    axis, lo, hi = c
+    b = block[axis]
+    first = lo // b  # the block holding the slice's first row (column)
+    codes = wfile.read(name, axis, lo, hi)
+    scale = sfile.read(scale_name, axis, first, -(-hi // b)).astype(mx.float32)
+    # one scale per row (column) of the slice: the slice starts lo - first * b into its first block
+    per = mx.repeat(scale, b, axis=axis)
+    off = lo - first * b
+    scale = per[off: off + hi - lo] if axis == 0 else per[:, off: off + hi - lo]
+    one = (1, block[1]) if axis == 0 else (block[0], 1)
+    return dequantize(codes, scale, one, name=base, file=str(wfile.path))
 
 
 # a source tensor's suffix -> the parameter suffix it becomes (compressed-tensors INT4)
@@ -120,6 +171,7 @@ def load_shard(path, rank: int, size: int, group, moe_path: str | None = None):
     from k2mlx.loading import load_args, load_config, quantize_model
     from k2mlx.loading.checkpoint import mla_weights_of, tensor_index
     from k2mlx.loading.formats.compressed_tensors import load_quantization
+    from k2mlx.loading.formats.fp8 import SCALE_SUFFIX, block_size
     from k2mlx.loading.resolve import resolve_model
     from k2mlx.loading.sanitize import canonical_name, sanitize
     from k2mlx.model.k2 import Model
@@ -131,7 +183,7 @@ def load_shard(path, rank: int, size: int, group, moe_path: str | None = None):
     path = Path(resolve_model(path, None))
     config, args = load_config(path), load_args(path)
     index = tensor_index(path)
-    why = _unsupported(config, index)
+    why = _unsupported(index)
     if why is not None:
         log.warning("rank %d: %s checkpoints are not read in slices yet: loading it whole", rank, why)
         return None
@@ -157,13 +209,29 @@ def load_shard(path, rank: int, size: int, group, moe_path: str | None = None):
         n = shard[target][diff[0]]
         return diff[0] - lead, rank * n, (rank + 1) * n
 
-    sliced = {}
-    for name, (target, lead) in targets.items():
+    def file(name: str) -> SafetensorsFile:
         fname = index[name]
         if fname not in files:
             files[fname] = SafetensorsFile(path / fname)
+        return files[fname]
+
+    # FP8 (`X.weight` e4m3 + `X.weight_scale_inv`): each pair is read and dequantized together
+    fp8_scales = {n[: -len(SCALE_SUFFIX)] + ".weight": n for n in canon if n.endswith(SCALE_SUFFIX)}
+    block = block_size({"quantization_config": args.quantization_config or {}})  # as the loader's fp8 hook
+    sliced = {}
+    for name, (target, lead) in targets.items():
+        if fp8_scales and name.endswith((SCALE_SUFFIX, ".input_scale")):
+            continue  # read with its weight / a static activation scale the loader drops too
+        if name in fp8_scales:
+            sliced[name] = _read_fp8(file(name), name, file(fp8_scales[name]), fp8_scales[name], block,
+                                     cut(target, lead))
+            mx.eval(sliced[name])
+            continue
+        f = file(name)
+        if f.info(name)[0] == "F8_E4M3":
+            raise CheckpointError("fp8 codes without their weight_scale_inv", file=str(f.path), tensor=name)
         if name.endswith(".weight_shape"):  # the packed module's logical shape, sliced alike
-            shape = np.array(files[fname].read(name)).astype(np.int64)
+            shape = np.array(f.read(name)).astype(np.int64)
             c = cut(target[: -len("weight_shape")] + "weight", lead)
             if c is not None:
                 axis, lo, hi = c
@@ -171,7 +239,7 @@ def load_shard(path, rank: int, size: int, group, moe_path: str | None = None):
             sliced[name] = mx.array(shape)
             continue
         c = cut(target, lead)
-        sliced[name] = files[fname].read(name, *c) if c else files[fname].read(name)
+        sliced[name] = f.read(name, *c) if c else f.read(name)
         mx.eval(sliced[name])  # read now, one tensor at a time: nothing full-size is held
     del files
     weights = sanitize(sliced, args)
