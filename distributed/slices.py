@@ -21,8 +21,9 @@ what `load_model` keeps without a dtype) runs on the slice, so slice bounds need
 block boundaries. At K2 scale they do for 2, 4, 8 and 16 ranks: per rank, q_b_proj rows
 64/N heads x 192, kv_b_proj rows 64/N x 256, o_proj columns 64/N x 128, every expert's and the
 shared expert's 2048/N intermediate rows (down_proj columns) and the dense MLP's 18432/N are all
-multiples of 128 (N = 32 is the first that is not: experts 64). Replicated FP8 weights (q_a_proj,
-kv_a_proj_with_mqa) are read whole and dequantized the same way.
+multiples of 128 (at N = 32 the experts' 64 and the dense MLP's 576 are not; a test in
+tests/distributed/test_dist_tensor_fp8.py checks this on K2's config). Replicated FP8 weights
+(q_a_proj, kv_a_proj_with_mqa) are read whole and dequantized the same way.
 
 Not sliced: transformers-5 fused experts (`mlp.experts.gate_up_proj` [E, 2I, H]): for them
 `load_shard` returns None and the rank loads the whole checkpoint and keeps its slices

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -193,3 +194,27 @@ def test_each_fp8_rank_reads_only_its_slices(tmp_path):
     ranks = json.loads((tmp_path / "mem.json").read_text())["peak_rss"]
     assert len(ranks) == 2 and all(ranks)
     assert max(ranks) < 0.7 * one, f"ranks {[r / 1e6 for r in ranks]} MB vs one process {one / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize("size,aligned", [(2, True), (4, True), (8, True), (16, True), (32, False)])
+def test_k2_slice_bounds_fall_on_128_blocks(size, aligned):
+    """What slices.py's docstring says of K2 itself: with K2's shapes (two layers: the dense one and
+    a MoE one; the model is built lazily, no weights) every sliced parameter's share is a multiple
+    of K2's 128-wide FP8 blocks at 2 to 16 ranks, so no rank reads a block another rank also reads."""
+    from mlx.utils import tree_flatten
+
+    from k2mlx.config import ModelArgs
+    from k2mlx.distributed.tensor import shard_model
+    from k2mlx.model.k2 import Model
+
+    cfg = json.loads((Path(__file__).parent.parent / "fixtures" / "kimi-k2-config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
+    args = ModelArgs.from_dict({**cfg, "num_hidden_layers": 2})
+    full = {k: v.shape for k, v in tree_flatten(Model(args).parameters())}
+    model = Model(args)
+    shard_model(model, 0, size, None, materialize=False, wrap=False)
+    shares = {k: [y for x, y in zip(full[k], v.shape) if x != y] for k, v in tree_flatten(model.parameters())}
+    shares = {k: s[0] for k, s in shares.items() if s}
+    assert len(shares) == 15  # q_b, kv_b, o_proj; dense gate/up/down; experts' and shared expert's
+    off = sorted(k for k, n in shares.items() if n % 128)
+    assert (off == []) == aligned, off
