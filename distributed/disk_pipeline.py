@@ -85,32 +85,42 @@ class PipelineDiskCache:
     def _remote_ranks(self) -> list[int]:
         return list(range(1, len(self.pipe.layers)))
 
-    def restore(self, tokens, beyond: int = 0, limit: int | None = None, copies: int = 1):
-        import mlx.core as mx
+    def _unpin(self, pin: int) -> None:
+        for r in self._remote_ranks():
+            self.pipe.log.add(r, ["disk_unpin", pin])
 
-        from k2mlx.mlxlm_adapter import kv_cache_holding
+    def _lookup(self, tokens, beyond: int, limit: int | None):
+        """The OP_DISK round trip: (pin, n tokens every rank holds in memory under the pin, rank
+        0's blocks of them joined per layer), or None on a miss (counted; any pins dropped)."""
+        from .pipeline import OP_DISK
 
         disk, block = self.local, self.block
         parts = disk.read_blocks(tokens, beyond, limit)
         if not parts:
             disk.misses += 1
-            return 0, []
-        pin = next(self._pins)
-        n0 = len(parts)
+            return None
+        pin, n0 = next(self._pins), len(parts)
         ask = {"pin": pin, "tokens": [int(t) for t in tokens[:n0 * block]], "n": n0}
-        from .pipeline import OP_DISK
-
-        got = json.loads(self.pipe.ask(OP_DISK, json.dumps(ask).encode()))
-        k = min(n0, int(got["n"]))
+        k = min(n0, int(json.loads(self.pipe.ask(OP_DISK, json.dumps(ask).encode()))["n"]))
         if k < n0:
             self.short_hits += 1
-        n = k * block
-        if n <= beyond:
-            for r in self._remote_ranks():
-                self.pipe.log.add(r, ["disk_unpin", pin])
+        if k * block <= beyond:
+            self._unpin(pin)
             disk.misses += 1
+            return None
+        disk.hits += 1
+        disk.loaded_tokens += k * block
+        return pin, k * block, disk.join(parts[:k])
+
+    def restore(self, tokens, beyond: int = 0, limit: int | None = None, copies: int = 1):
+        import mlx.core as mx
+
+        from k2mlx.mlxlm_adapter import kv_cache_holding
+
+        found = self._lookup(tokens, beyond, limit)
+        if found is None:
             return 0, []
-        local = disk.join(parts[:k])
+        pin, n, local = found
         a0, b0 = self.pipe.layers[0]
         loads: dict[int, list] = {r: [] for r in self._remote_ranks()}
         out = []
@@ -127,8 +137,6 @@ class PipelineDiskCache:
             out.append(cache)
         for r, entries in loads.items():  # logged before any op of these caches can be
             self.pipe.log.add(r, ["disk_load", pin, n, entries])
-        disk.hits += 1
-        disk.loaded_tokens += n
         return n, out
 
     def save_cache(self, tokens, cache) -> int:
@@ -269,28 +277,20 @@ def open_for_cluster(pipe, path, directory, max_gb: float, block: int = 256):
 class TensorDiskCache(PipelineDiskCache):
     """Rank 0's disk cache of a TensorModel: whole blocks on every rank (see the module docstring)."""
 
+    def _remote_ranks(self) -> list[int]:
+        from .tensor import ALL
+
+        return [ALL]  # one op list that every worker replays
+
     def restore(self, tokens, beyond: int = 0, limit: int | None = None, copies: int = 1):
         from k2mlx.mlxlm_adapter import kv_cache_holding
 
-        from .pipeline import OP_DISK
         from .tensor import ALL, MirrorCache
 
-        disk, block = self.local, self.block
-        parts = disk.read_blocks(tokens, beyond, limit)
-        if not parts:
-            disk.misses += 1
+        found = self._lookup(tokens, beyond, limit)
+        if found is None:
             return 0, []
-        pin, n0 = next(self._pins), len(parts)
-        ask = {"pin": pin, "tokens": [int(t) for t in tokens[:n0 * block]], "n": n0}
-        k = min(n0, int(json.loads(self.pipe.ask(OP_DISK, json.dumps(ask).encode()))["n"]))
-        if k < n0:
-            self.short_hits += 1
-        n = k * block
-        if n <= beyond:
-            self.pipe.log.add(ALL, ["disk_unpin", pin])
-            disk.misses += 1
-            return 0, []
-        kv = disk.join(parts[:k])
+        pin, n, kv = found
         entries, out = [], []
         for _ in range(copies):
             # no "new" op: the workers' "disk_load" below creates each cache from its own blocks
@@ -298,8 +298,6 @@ class TensorDiskCache(PipelineDiskCache):
             entries += [[c._oid, i] for i, c in enumerate(cache)]
             out.append(cache)
         self.pipe.log.add(ALL, ["disk_load", pin, n, entries])  # before any op of these caches
-        disk.hits += 1
-        disk.loaded_tokens += n
         return n, out
 
     def save_cache(self, tokens, cache) -> int:

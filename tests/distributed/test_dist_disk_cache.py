@@ -141,10 +141,10 @@ def test_no_prompt_cache_writes_nothing_on_any_rank(tiny_checkpoint, tmp_path, r
     assert_same(reference, got)
 
 
-def test_serve_hosts_restart_hits_and_reports_cached_tokens(tiny_checkpoint, tmp_path, monkeypatch):
-    """`k2mlx serve --hosts 127.0.0.1,127.0.0.1` (default blocks of 256): a restarted cluster
-    answers a long system prompt from both ranks' disk parts, usage says so, and the greedy
-    answer and its logprobs are those of the cold cluster."""
+def serve_restart(ckpt, tmp_path, monkeypatch, rules: int, *flags) -> tuple:
+    """`k2mlx serve --hosts 127.0.0.1,127.0.0.1 *flags` (default blocks of 256) twice over one
+    prompt cache folder, the same greedy request each time: (folder, usage and answer of the cold
+    run, of the restarted one). The cold run waits until both ranks have written their blocks."""
     import os
     import time
 
@@ -154,9 +154,10 @@ def test_serve_hosts_restart_hits_and_reports_cached_tokens(tiny_checkpoint, tmp
     from k2serve_util import start_server, stop_server
 
     monkeypatch.setenv("K2MLX_STATE_DIR", str(tmp_path / "state"))
-    system = " ".join(f"rule {i}: keep the tests green and the diffs small." for i in range(120))  # ~1,500 tokens
+    system = " ".join(f"rule {i}: keep the tests green and the diffs small." for i in range(rules))  # ~12/rule
     folder = tmp_path / "pc"
-    args = ("--hosts", "127.0.0.1,127.0.0.1", "--prompt-cache-dir", str(folder), "--cache-gb", "0")
+    args = ("--hosts", "127.0.0.1,127.0.0.1", *flags, "--prompt-cache-dir", str(folder), "--cache-gb", "0")
+    whole = (rules * 12) // 256  # whole blocks the system prompt alone fills (at least)
 
     def chat(base):
         r = httpx.post(base + "/v1/chat/completions", timeout=180, json={
@@ -165,30 +166,36 @@ def test_serve_hosts_restart_hits_and_reports_cached_tokens(tiny_checkpoint, tmp
         assert r.status_code == 200, r.text
         body = r.json()
         lps = [c["logprob"] for c in body["choices"][0]["logprobs"]["content"]]
-        return body["choices"][0]["message"]["content"], lps, body["usage"]
+        return body["usage"], body["choices"][0]["message"]["content"], lps
 
-    proc, base = start_server(tiny_checkpoint, *args)
-    try:
-        text0, lps0, usage0 = chat(base)
-        deadline = time.time() + 60  # both ranks write off the request path
-        while time.time() < deadline:
-            subs = [d for d in folder.iterdir() if d.is_dir()] if folder.is_dir() else []
-            if len(subs) == 2 and all(len(list(d.glob("*.kvblock"))) >= 5 for d in subs):
-                break
-            time.sleep(0.2)
-    finally:
-        stop_server(proc)
+    runs = []
+    for cold in (True, False):
+        proc, base = start_server(ckpt, *args)
+        try:
+            runs.append(chat(base))
+            deadline = time.time() + 60  # both ranks write off the request path
+            while cold and time.time() < deadline:
+                subs = [d for d in folder.iterdir() if d.is_dir()] if folder.is_dir() else []
+                if len(subs) == 2 and all(len(list(d.glob("*.kvblock"))) >= whole for d in subs):
+                    break
+                time.sleep(0.2)
+        finally:
+            stop_server(proc)
+    (usage0, text0, lps0), (usage1, text1, lps1) = runs
     assert (usage0.get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
-    assert sorted(rank_folders(folder)) == ["0,1", "2,3"]
-    proc, base = start_server(tiny_checkpoint, *args)
-    try:
-        text1, lps1, usage1 = chat(base)
-    finally:
-        stop_server(proc)
     hit = usage1["prompt_tokens_details"]["cached_tokens"]
-    assert hit >= 5 * 256 and hit % 256 == 0 and hit < usage1["prompt_tokens"]
+    assert hit >= whole * 256 and hit % 256 == 0 and hit < usage1["prompt_tokens"]
     assert text1 == text0 and len(lps1) == len(lps0) == 4
     assert max(abs(a - b) for a, b in zip(lps0, lps1)) <= 1e-5
+    return folder
+
+
+def test_serve_hosts_restart_hits_and_reports_cached_tokens(tiny_checkpoint, tmp_path, monkeypatch):
+    """`k2mlx serve --hosts 127.0.0.1,127.0.0.1`: a restarted cluster answers a long system prompt
+    (~1,500 tokens) from both ranks' disk parts, usage says so, and the greedy answer and its
+    logprobs are those of the cold cluster."""
+    folder = serve_restart(tiny_checkpoint, tmp_path, monkeypatch, 120)
+    assert sorted(rank_folders(folder)) == ["0,1", "2,3"]
 
 
 def test_worker_answers_hostile_lookups_with_no_blocks_and_refuses_unknown_pins(tmp_path, tiny_checkpoint):
@@ -268,48 +275,5 @@ def test_tensor_blocks_never_hit_a_pipeline_or_one_process(tiny_checkpoint, tmp_
 def test_serve_hosts_tensor_restart_hits_the_disk_cache(tiny_checkpoint, tmp_path, monkeypatch):
     """`k2mlx serve --hosts 127.0.0.1,127.0.0.1 --parallel tensor`: the disk cache is on (it was
     off under tensor before), a restart answers from it and says so in usage, same answer."""
-    import os
-    import time
-
-    import httpx
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "server"))
-    from k2serve_util import start_server, stop_server
-
-    monkeypatch.setenv("K2MLX_STATE_DIR", str(tmp_path / "state"))
-    system = " ".join(f"rule {i}: keep the tests green and the diffs small." for i in range(50))  # ~600 tokens
-    folder = tmp_path / "pc"
-    args = ("--hosts", "127.0.0.1,127.0.0.1", "--parallel", "tensor", "--prompt-cache-dir", str(folder),
-            "--cache-gb", "0")
-
-    def chat(base):
-        r = httpx.post(base + "/v1/chat/completions", timeout=180, json={
-            "model": "k2-tiny", "max_tokens": 4, "temperature": 0, "logprobs": True,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Rule 3?"}]})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        lps = [c["logprob"] for c in body["choices"][0]["logprobs"]["content"]]
-        return body["choices"][0]["message"]["content"], lps, body["usage"]
-
-    proc, base = start_server(tiny_checkpoint, *args)
-    try:
-        text0, lps0, usage0 = chat(base)
-        deadline = time.time() + 60  # both ranks write off the request path
-        while time.time() < deadline:
-            subs = [d for d in folder.iterdir() if d.is_dir()] if folder.is_dir() else []
-            if len(subs) == 2 and all(len(list(d.glob("*.kvblock"))) >= 2 for d in subs):
-                break
-            time.sleep(0.2)
-    finally:
-        stop_server(proc)
-    assert (usage0.get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
+    folder = serve_restart(tiny_checkpoint, tmp_path, monkeypatch, 50, "--parallel", "tensor")
     assert len([d for d in folder.iterdir() if d.is_dir()]) == 2  # one folder per rank
-    proc, base = start_server(tiny_checkpoint, *args)
-    try:
-        text1, lps1, usage1 = chat(base)
-    finally:
-        stop_server(proc)
-    hit = usage1["prompt_tokens_details"]["cached_tokens"]
-    assert hit >= 2 * 256 and hit % 256 == 0 and hit < usage1["prompt_tokens"]
-    assert text1 == text0 and len(lps1) == len(lps0) == 4
-    assert max(abs(a - b) for a, b in zip(lps0, lps1)) <= 1e-5
