@@ -25,9 +25,11 @@ multiples of 128 (at N = 32 the experts' 64 and the dense MLP's 576 are not; a t
 tests/distributed/test_dist_tensor_fp8.py checks this on K2's config). Replicated FP8 weights
 (q_a_proj, kv_a_proj_with_mqa) are read whole and dequantized the same way.
 
-Not sliced: transformers-5 fused experts (`mlp.experts.gate_up_proj` [E, 2I, H]): for them
-`load_shard` returns None and the rank loads the whole checkpoint and keeps its slices
-(`tensor.shard_model`), peaking at the full size.
+Transformers-5 fused experts (float `mlp.experts.gate_up_proj` [E, 2I, H], gate rows first, and
+`mlp.experts.down_proj` [E, H, I]) are sliced too: gate_up's rows of this rank in each half, the
+columns of down_proj. Not sliced: anything else beside a fused tensor (e.g. quantization scales,
+which the loader refuses as well): for it `load_shard` returns None and the rank loads the whole
+checkpoint and keeps its slices (`tensor.shard_model`), peaking at the full size.
 """
 from __future__ import annotations
 
@@ -100,9 +102,17 @@ class SafetensorsFile:
         return arr.view(getattr(mx, mx_dtype)) if mx_dtype else arr
 
 
+# transformers 5: fused experts, gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I]
+_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(gate_up_proj|down_proj)(\.weight)?$")
+_FLOAT = ("F32", "F16", "BF16")
+
+
 def _unsupported(index: dict) -> str | None:
-    if any(re.search(r"\.experts\.(gate_up_proj|down_proj)(\.weight)?$", n) for n in index):
-        return "fused experts (transformers 5)"
+    """Why this checkpoint is not read in slices, or None."""
+    fused = [n for n in index if re.search(r"\.experts\.(gate_up|down)_proj[._]", n + ".")]
+    if any(not _FUSED.match(n.removeprefix("language_model.")) for n in fused):
+        # e.g. scales beside a fused tensor: the loader itself refuses them, with its own message
+        return "quantized fused experts (transformers 5)"
     return None
 
 
@@ -140,6 +150,30 @@ def _read_fp8(wfile: SafetensorsFile, name: str, sfile: SafetensorsFile, scale_n
     scale = per[off: off + hi - lo] if axis == 0 else per[:, off: off + hi - lo]
     one = (1, block[1]) if axis == 0 else (block[0], 1)
     return dequantize(codes, scale, one, name=base, file=str(wfile.path))
+
+
+def _read_fused(f: SafetensorsFile, name: str, prefix: str, which: str, inter: int, cut) -> dict:
+    """This rank's slices of a fused expert tensor, under the stacked names `split_fused_experts`
+    would give the whole one: gate_up_proj's rows [r*n, (r+1)*n) become gate_proj and the same
+    rows of its second half up_proj; down_proj's columns are cut like any down_proj's."""
+    kind, shape = f.info(name)
+    want = [None, 2 * inter, None] if which == "gate_up_proj" else [None, None, inter]
+    if kind not in _FLOAT or len(shape) != 3 or any(w is not None and w != d for w, d in zip(want, shape)):
+        raise CheckpointError(f"a fused expert tensor must be float [E, {'2I, hidden' if want[1] else 'hidden, I'}]"
+                              f" with I = {inter}, got {kind} {list(shape)}", file=str(f.path), tensor=name)
+    if which == "down_proj":
+        target = f"{prefix}.switch_mlp.down_proj.weight"
+        c = cut(target, 0)
+        w = f.read(name, *c) if c else f.read(name)
+        mx.eval(w)
+        return {target: w}
+    out = {}
+    for half, proj in enumerate(("gate_proj", "up_proj")):
+        target = f"{prefix}.switch_mlp.{proj}.weight"
+        axis, lo, hi = cut(target, 0) or (1, 0, inter)  # [E, I, H]: sliced on axis 1
+        out[target] = f.read(name, axis, half * inter + lo, half * inter + hi)
+        mx.eval(out[target])
+    return out
 
 
 # a source tensor's suffix -> the parameter suffix it becomes (compressed-tensors INT4)
@@ -229,6 +263,10 @@ def load_shard(path, rank: int, size: int, group, moe_path: str | None = None):
             mx.eval(sliced[name])
             continue
         f = file(name)
+        fused = _FUSED.match(canon[name])
+        if fused:
+            sliced.update(_read_fused(f, name, fused.group(1), fused.group(2), args.moe_intermediate_size, cut))
+            continue
         if f.info(name)[0] == "F8_E4M3":
             raise CheckpointError("fp8 codes without their weight_scale_inv", file=str(f.path), tensor=name)
         if name.endswith(".weight_shape"):  # the packed module's logical shape, sliced alike

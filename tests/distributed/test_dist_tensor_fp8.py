@@ -1,7 +1,8 @@
 """Tensor parallelism on native FP8 checkpoints (K2-Instruct's layout: e4m3 codes [out, in] and
 float32 `weight_scale_inv` per block): each rank reads only its slices of the codes and the scale
 rows (columns) covering them, and gets exactly what loading the whole checkpoint and cutting it
-gives, whether or not the slice bounds fall on block boundaries."""
+gives, whether or not the slice bounds fall on block boundaries. At the end, the other layout the
+slice loader learnt with it: transformers-5 fused experts."""
 from __future__ import annotations
 
 import json
@@ -218,3 +219,80 @@ def test_k2_slice_bounds_fall_on_128_blocks(size, aligned):
     assert len(shares) == 15  # q_b, kv_b, o_proj; dense gate/up/down; experts' and shared expert's
     off = sorted(k for k, n in shares.items() if n % 128)
     assert (off == []) == aligned, off
+
+
+# ---- transformers-5 fused experts ----------------------------------------------------------------
+def write_fused(src, dst, bad: bool = False):
+    """A copy of `src` with each layer's per-expert tensors fused: gate_up_proj [E, 2I, H] (gate
+    rows first), down_proj [E, H, I] (`bad`: one gate_up_proj a row short)."""
+    import re
+
+    from k2mlx.loading.formats.writer import to_numpy, write_safetensors
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tensors, experts = {}, {}
+    for f in sorted(src.glob("*.safetensors")):
+        for name, w in mx.load(str(f)).items():
+            m = re.match(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(\w+)_proj\.weight$", name)
+            if m:
+                experts.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = np.array(w)
+            else:
+                tensors[name] = to_numpy(w)
+    for prefix, by in experts.items():
+        E = len(by["gate"])
+        gate_up = np.concatenate([np.stack([by["gate"][e] for e in range(E)]),
+                                  np.stack([by["up"][e] for e in range(E)])], axis=1)
+        tensors[prefix + ".experts.gate_up_proj"] = to_numpy(gate_up[:, 1:] if bad else gate_up)
+        tensors[prefix + ".experts.down_proj"] = to_numpy(np.stack([by["down"][e] for e in range(E)]))
+    write_safetensors(dst / "model.safetensors", tensors)
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model.safetensors" for k in tensors}}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def fused_checkpoint(tiny_checkpoint, tmp_path_factory):
+    return write_fused(tiny_checkpoint, tmp_path_factory.mktemp("k2-fused") / "fused")
+
+
+@pytest.mark.parametrize("rank,size", [(0, 2), (1, 2), (3, 4)])
+def test_fused_expert_slices_equal_load_then_cut(fused_checkpoint, tiny_checkpoint, rank, size, monkeypatch):
+    from k2mlx.distributed import slices
+
+    index = json.loads((fused_checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in index and not any(".experts.0." in n for n in index)
+    reads = []
+    real = slices.SafetensorsFile.read
+    monkeypatch.setattr(slices.SafetensorsFile, "read",
+                        lambda self, name, *a: reads.append((name, a)) or real(self, name, *a))
+    got = _params(slices.load_shard(fused_checkpoint, rank, size, None)[0])
+    want = _params(_load_then_cut(fused_checkpoint, rank, size))
+    assert sorted(got) == sorted(want)
+    for k, w in want.items():
+        assert got[k].dtype == w.dtype and bool(mx.array_equal(got[k], w)), k
+    # the same numbers as the per-expert checkpoint it was fused from
+    per_expert = _params(_load_then_cut(tiny_checkpoint, rank, size))
+    assert all(bool(mx.array_equal(per_expert[k], w)) for k, w in want.items())
+    fused = [(n, a) for n, a in reads if ".experts." in n]
+    assert len(fused) == 3 * 3 and all(a and a[0] in (1, 2) for _, a in fused), fused  # slices only
+
+
+def test_fused_tensor_of_the_wrong_shape_is_one_line(tiny_checkpoint, tmp_path):
+    from k2mlx.distributed.slices import load_shard
+    from k2mlx.errors import CheckpointError
+
+    path = write_fused(tiny_checkpoint, tmp_path / "bad", bad=True)
+    with pytest.raises(CheckpointError) as e:
+        load_shard(path, 1, 2, None)
+    msg = str(e.value)
+    assert "\n" not in msg and "gate_up_proj" in msg and "I = 32" in msg, msg
+
+
+def test_fused_tensor_logits_match_single_process(fused_checkpoint, tmp_path):
+    from k2mlx import load
+
+    args = {"prompts": PROMPTS[:2], "steps": 4}
+    reference(load(str(fused_checkpoint))[0], "greedy_logits", {**args, "out": str(tmp_path / "ref.npz")})
+    p = launch_tp(fused_checkpoint, "greedy_logits", {**args, "out": str(tmp_path / "tp.npz")})
+    assert "loading it whole" not in p.stderr
+    compare(tmp_path / "ref.npz", tmp_path / "tp.npz")
