@@ -130,7 +130,7 @@ def _read_fp8(wfile: SafetensorsFile, name: str, sfile: SafetensorsFile, scale_n
                               file=str(wfile.path), tensor=name)
     grid = tuple(-(-d // b) for d, b in zip(shape, block))
     skind, sshape = sfile.info(scale_name)
-    if skind not in ("F32", "BF16", "F16"):
+    if skind not in _FLOAT:
         raise CheckpointError(f"an fp8 block scale must be float, got {skind}", file=str(sfile.path),
                               tensor=scale_name)
     if sshape != grid:
