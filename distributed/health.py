@@ -81,10 +81,23 @@ def check_peer_message(m, size: int) -> dict:
     return m
 
 
+def peak_rss() -> int:
+    """This process's peak resident set, bytes. On Linux from VmHWM: a child started from a big
+    parent inherits the parent's ru_maxrss across fork + exec, so that would report the parent's
+    peak (a rank started by a test runner holding 1.6 GB said 1.6 GB)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:  # not Linux (macOS has no /proc)
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
 def memory_info() -> dict:
-    info = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
-    if sys.platform != "darwin":  # Linux reports KiB, macOS bytes
-        info["peak_rss"] *= 1024
+    info = {"peak_rss": peak_rss()}
     try:
         import mlx.core as mx
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 
 from test_dist_pipeline import PROMPTS, compare, reference
-from test_dist_tensor import launch_tp
+from test_dist_tensor import assert_ranks_under, launch_tp
 
 # nano's slices of rank 1 of 2 start at row 16 (experts), 48 (q_b_proj: 2 heads x 24), 64 (kv_b_proj,
 # dense MLP) and column 32 (o_proj), 16 (down_proj): all on 16-wide blocks, none on 128 or 12/20
@@ -182,19 +180,7 @@ def test_each_fp8_rank_reads_only_its_slices(tmp_path):
                                n_routed_experts=16, num_experts_per_tok=4)
     ckpt = write_fp8(src, tmp_path / "wide-fp8", [128, 128])
     shutil.rmtree(src)
-    # Linux: VmHWM is this process's own peak. ru_maxrss (memory_info) would also count the peak
-    # of pytest itself, which a child started with vfork inherits, and pass this test for free.
-    single = subprocess.run([sys.executable, "-c", "import sys, os; from k2mlx import load; "
-                             "from k2mlx.distributed.health import memory_info; load(sys.argv[1]); "
-                             "p = '/proc/self/status'; print(int(open(p).read().split('VmHWM:')[1].split()[0]) * 1024 "
-                             "if os.path.exists(p) else memory_info()['peak_rss'])", str(ckpt)],
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    one = int(single.stdout.split()[-1])
-    launch_tp(ckpt, "memory_report", {"out": str(tmp_path / "mem.json")})
-    ranks = json.loads((tmp_path / "mem.json").read_text())["peak_rss"]
-    assert len(ranks) == 2 and all(ranks)
-    assert max(ranks) < 0.7 * one, f"ranks {[r / 1e6 for r in ranks]} MB vs one process {one / 1e6:.0f} MB"
+    assert_ranks_under(ckpt, tmp_path, 0.7)
 
 
 @pytest.mark.parametrize("size,aligned", [(2, True), (4, True), (8, True), (16, True), (32, False)])
