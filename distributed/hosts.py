@@ -68,7 +68,16 @@ def parse_host(text: str) -> Host:
         if not user or not text:
             raise ConfigError(f"bad host '{user}@{text}' in --hosts (want [user@]address[:ssh_port])")
     port = None
-    if text.count(":") == 1:  # host:ssh_port (an IPv6 address has several colons)
+    if text.startswith("["):  # [v6addr] or [v6addr]:ssh_port, the usual way to put a port after IPv6
+        inner, sep, rest = text[1:].partition("]")
+        if not sep or not inner or (rest and not rest.startswith(":")):
+            raise ConfigError(f"bad host '{text}' in --hosts (want [user@][ipv6][:ssh_port])")
+        text, p = inner, rest[1:]
+        if rest:
+            if not p.isdigit() or not 0 < int(p) < 65536:
+                raise ConfigError(f"bad ssh port in host '[{text}]:{p}'")
+            port = int(p)
+    elif text.count(":") == 1:  # host:ssh_port (an IPv6 address has several colons)
         text, p = text.split(":")
         if not p.isdigit() or not 0 < int(p) < 65536:
             raise ConfigError(f"bad ssh port in host '{text}:{p}'")

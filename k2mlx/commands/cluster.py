@@ -70,18 +70,39 @@ def run(args) -> int:
 
 
 def _up(args) -> int:
+    import sys
+
+    say = lambda m: print(f"k2mlx cluster: {m}", file=sys.stderr, flush=True)  # noqa: E731
+    sup, url, log_path, offset = start(args, say)
+    wait_endpoint(sup, url, args.api_key, args.wait, log_path, offset)
+    print(url, flush=True)
+    return 0
+
+
+def up_args(hosts: str, **given):
+    """The Namespace `k2mlx cluster up --hosts HOSTS` parses to, with `given` (dest=value, None
+    for "not given") in place of the defaults: other commands start a cluster through `start`
+    with exactly `cluster up`'s defaults, read from its own parser."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    args = parser.parse_args(["up", "--hosts", hosts])
+    for k, v in given.items():
+        if v is not None:
+            setattr(args, k, v)
+    return args
+
+
+def start(args, say):
+    """`cluster up` up to the wait: the JACCL tip, preflight and plan in the foreground (a bad
+    host or model fails here with the reason), then the supervisor in the background.
+    Returns (supervisor Popen, endpoint URL, log path, log offset where this start begins)."""
     import os
     import subprocess
     import sys
-    import time
-
-    import httpx
 
     from k2mlx.distributed.cli import prepare
     from k2mlx.distributed.state import state_dir
-    from k2mlx.errors import ClusterError
 
-    say = lambda m: print(f"k2mlx cluster: {m}", file=sys.stderr, flush=True)  # noqa: E731
     if args.backend == "jaccl" and (args.parallel or "pipeline") == "pipeline":
         say("tip: over JACCL (RDMA) --parallel tensor decodes one stream faster than the pipeline "
             "(each Mac reads half of every layer; see docs/BENCHMARKS.md)")
@@ -101,25 +122,49 @@ def _up(args) -> int:
              "deadline": args.deadline, "parallel": args.parallel}
     env["K2MLX_CLUSTER_OPTS"] = __import__("json").dumps(extra)
     with open(log_path, "ab") as log:
+        offset = log.tell()
         sup = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                start_new_session=True)
-    url = f"http://{args.host}:{args.port}/v1"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{args.port}/v1"
     say(f"starting {len(args.hosts.split(','))} ranks (log: {log_path})")
-    end = time.monotonic() + args.wait
-    while time.monotonic() < end:
+    return sup, url, log_path, offset
+
+
+def wait_endpoint(sup, url: str, api_key, wait: float, log_path, offset: int = 0, progress=None) -> None:
+    """Until GET /v1/models answers 200. The supervisor ending first raises a ClusterError with
+    the last lines this start wrote to the log (from `offset`: the log is shared by every start);
+    the wait running out raises one too, and stops the supervisor.
+    `progress(seconds_waited)` is called about every half second."""
+    import time
+
+    import httpx
+
+    from k2mlx.errors import ClusterError
+
+    t0 = time.monotonic()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    while time.monotonic() - t0 < wait:
         if sup.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-8:]
+            tail = log_tail(log_path, offset, 8)
             raise ClusterError("the cluster stopped while starting:\n  " + "\n  ".join(tail))
         try:
-            headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
             if httpx.get(f"{url}/models", timeout=2.0, headers=headers).status_code == 200:
-                print(url, flush=True)
-                return 0
+                return
         except httpx.HTTPError:
-            pass
+            pass  # not listening yet: the ranks are still loading
+        if progress is not None:
+            progress(time.monotonic() - t0)
         time.sleep(0.5)
     _stop_supervisor(sup)
-    raise ClusterError(f"the endpoint did not answer within {args.wait:.0f} s (log: {log_path})")
+    raise ClusterError(f"the endpoint did not answer within {wait:.0f} s (log: {log_path})")
+
+
+def log_tail(log_path, offset: int, n: int) -> list[str]:
+    """The last `n` lines written to the shared cluster log since `offset`."""
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace").strip().splitlines()[-n:]
 
 
 def _size(n: float) -> str:
@@ -202,6 +247,35 @@ def _down(args) -> int:
             n = len(st.get("ranks", []))
             print(f"cluster stopped: {_describe(st)}; launcher and {n} ranks checked gone")
     return rc
+
+
+def stop_started(launcher_pid: int, addresses: list[str], port: int) -> list[str]:
+    """Stop the cluster whose supervisor `start` launched as `down` does, and check that every
+    process is gone; return what still runs. Before the supervisor has claimed its state file
+    (still in preflight) no rank exists yet: TERM, then KILL, the supervisor alone."""
+    import os
+    import signal
+    import time
+
+    from k2mlx.distributed import state as cstate
+
+    for path, st in cstate.find(hosts=addresses, port=port):
+        if st.get("launcher_pid") == launcher_pid:
+            left = _stop(st)
+            if not left:
+                path.unlink(missing_ok=True)
+            return left
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        if not cstate.alive(launcher_pid):
+            return []
+        try:
+            os.kill(launcher_pid, sig)
+        except ProcessLookupError:
+            return []
+        end = time.monotonic() + wait
+        while time.monotonic() < end and cstate.alive(launcher_pid):
+            time.sleep(0.1)
+    return [f"launcher (pid {launcher_pid})"] if cstate.alive(launcher_pid) else []
 
 
 def _stop(st: dict) -> list[str]:
