@@ -87,7 +87,7 @@ def parse_host(text: str) -> Host:
     except ValueError:
         try:
             address = socket.gethostbyname(text)
-        except OSError as e:
+        except (OSError, UnicodeError) as e:  # UnicodeError: a name IDNA cannot encode ("a..b")
             raise ClusterError(f"cannot resolve host name '{text}': {e}", host=text) from None
     return Host(address=address, user=user, ssh_port=port, name=text)
 

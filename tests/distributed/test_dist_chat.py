@@ -93,10 +93,27 @@ def test_malformed_bracketed_hosts_are_one_line_errors(bad):
         parse_host(bad)
 
 
-def test_parallel_without_hosts_is_a_one_line_error(tmp_path):
+@pytest.mark.parametrize("argv,says", [
+    (["--parallel", "tensor"], "--parallel is for --hosts"),
+    (["--model", "m", "--endpoint", "http://127.0.0.1:9/v1"], "an --endpoint already serves one"),
+    (["--hosts", "127.0.0.1"], "at least two hosts"),
+    (["--hosts", "bad..host,127.0.0.1"], "cannot resolve host name 'bad..host'"),
+    (["--hosts", "[::1,127.0.0.1"], "bad host '[::1'"),
+])
+def test_bad_chat_hosts_input_is_a_one_line_error(tmp_path, argv, says):
     env = {**os.environ, "K2MLX_STATE_DIR": str(tmp_path)}
-    line = one_error_line(k2("chat", "--parallel", "tensor", env=env, timeout=60))
-    assert "--parallel is for --hosts" in line
+    assert says in one_error_line(k2("chat", *argv, env=env, timeout=60))
+
+
+def test_chat_hosts_with_a_bad_model_fails_in_preflight_and_starts_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("K2MLX_STATE_DIR", str(tmp_path))
+    env = {**os.environ, "K2MLX_STATE_DIR": str(tmp_path)}
+    p = k2("chat", "--hosts", HOSTS, "--model", str(tmp_path / "nothing"), "--port", str(free_port()),
+           env=env, timeout=60)
+    errors = [ln for ln in p.stderr.splitlines() if "error" in ln]
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(errors) == 1, p.stderr
+    assert "config.json not found" in errors[0]
+    assert cstate.running() == [] and not (tmp_path / "cluster.log").exists()  # no supervisor was started
 
 
 # ---- start, attach, quit -------------------------------------------------------------------
@@ -222,6 +239,41 @@ def test_chat_attaches_to_a_running_cluster_leaves_it_running_and_refuses_a_mism
     assert_all_gone(pids, within=1.0)
 
 
+def test_chat_waits_for_a_cluster_still_starting_attaches_and_leaves_it(tiny_checkpoint, tmp_path, monkeypatch):
+    """`cluster up` launched in the background; the chat opened while its ranks still load
+    waits for it (not a second cluster) and attaches."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("K2MLX_STATE_DIR", str(state))
+    env = {**os.environ, "K2MLX_STATE_DIR": str(state)}
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "k2mlx.cli", "cluster", "up", "--hosts", HOSTS, "--model",
+                           str(tiny_checkpoint), "--port", str(port), "--wait", "240"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        end = time.monotonic() + 120
+        while not cstate.find(hosts=["127.0.0.1", "127.0.0.1"], port=port):  # the supervisor has claimed it
+            assert time.monotonic() < end and up.poll() is None, up.communicate()
+            time.sleep(0.02)
+        cluster = HostsCluster(chat_args("--hosts", HOSTS, "--port", str(port), "--parallel", "pipeline"))
+        said: list[str] = []
+        cluster.open(say=said.append)
+        assert cluster.attached and not cluster.started and cluster.waiting_for is not None, said
+        assert "still starting" in said[0]
+        shown: list[str] = []
+        backend = cluster.connect(shown.append)
+        assert backend.base_url == f"http://127.0.0.1:{port}/v1" and answers(port)
+        assert up.wait(240) == 0, up.stderr.read()
+        pids = cluster_pids(port)
+        assert "keeps running" in cluster.close()
+        assert answers(port) and cstate.alive(pids[0])
+    finally:
+        up.kill()
+        up.wait()
+        k2("cluster", "down", env=env, timeout=60)
+        kill_groups(pids)
+
+
 def test_chat_hosts_on_a_single_process_server_is_a_one_line_error(tiny_checkpoint, tmp_path):
     from k2mlx.tui.local import LocalServer
 
@@ -295,8 +347,12 @@ def test_k2mlx_chat_hosts_in_a_terminal_stops_the_cluster_it_started(tiny_checkp
                                       text=True).stdout.split()[0])
             os.kill(chat, signal.SIGKILL)
             assert_all_gone(pids, within=LIMIT_S)
+            said = f"the chat (pid {chat}) is gone; stopped the cluster it started"
+            end_t = time.monotonic() + 10  # the watchdog says so once its checks are done
+            while said not in (state / "cluster.log").read_text() and time.monotonic() < end_t:
+                time.sleep(0.1)
             log = (state / "cluster.log").read_text()
-            assert f"the chat (pid {chat}) is gone; stopped the cluster it started" in log, log[-1500:]
+            assert said in log and "still running" not in log, log[-1500:]
         assert not answers(port) and cstate.running() == []
     finally:
         _tmux(sock, "kill-server", check=False)
