@@ -313,7 +313,7 @@ def _wait(what, predicate, timeout, sock):
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install -y tmux)")
-@pytest.mark.parametrize("end", ["quit", "sigkill"])
+@pytest.mark.parametrize("end", ["quit", "sigkill", "quit-while-loading"])
 def test_k2mlx_chat_hosts_in_a_terminal_stops_the_cluster_it_started(tiny_checkpoint, tmp_path, monkeypatch, end):
     """`k2mlx chat --hosts H,H --parallel tensor` in tmux: it starts the cluster and connects; Ctrl+Q
     stops it (and says so), and so does SIGKILL of the chat (its watchdog): nothing is left."""
@@ -330,6 +330,18 @@ def test_k2mlx_chat_hosts_in_a_terminal_stops_the_cluster_it_started(tiny_checkp
     _tmux(sock, "new-session", "-d", "-s", "chat", "-x", "130", "-y", "30", cmd)
     pids: list[int] = []
     try:
+        if end == "quit-while-loading":  # Ctrl+Q while the ranks load: no wait for the endpoint
+            _wait("the ranks to start", lambda: (cstate.find(hosts=["127.0.0.1", "127.0.0.1"], port=port) or
+                                                 [(0, {})])[0][1].get("ranks"), 120, sock)
+            pids = cluster_pids(port)
+            t0 = time.monotonic()
+            _tmux(sock, "send-keys", "-t", "chat", "C-q")
+            _wait("the chat to exit", out.exists, 30, sock)
+            assert out.read_text().strip() == "EXIT=0" and time.monotonic() - t0 < 15
+            assert "stopped the cluster it started" in " ".join(_pane(sock).split())
+            assert_all_gone(pids, within=1.0)
+            assert not answers(port) and cstate.running() == []
+            return
         _wait("the chat to connect (model name in the status bar)",
               lambda: Path(tiny_checkpoint).name in _status_line(sock), 120, sock)
         pids = cluster_pids(port)
