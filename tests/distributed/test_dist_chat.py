@@ -23,7 +23,7 @@ from k2mlx.cli import build_parser
 from k2mlx.commands.chat import HostsCluster, endpoint_url
 from k2mlx.distributed import state as cstate
 from k2mlx.distributed.hosts import parse_host
-from k2mlx.errors import ClusterError, ConfigError
+from k2mlx.errors import ConfigError
 from test_dist_faults import LIMIT_S, assert_all_gone, kill_groups
 
 HOSTS = "127.0.0.1,127.0.0.1"
@@ -272,6 +272,31 @@ def test_chat_waits_for_a_cluster_still_starting_attaches_and_leaves_it(tiny_che
         up.wait()
         k2("cluster", "down", env=env, timeout=60)
         kill_groups(pids)
+
+
+def test_chat_hosts_on_a_cluster_with_an_api_key(tiny_checkpoint, tmp_path, monkeypatch):
+    """Without the cluster's key the probe is a one-line error naming --api-key; with it, the chat
+    reads the cluster's status (here: its mode, refused as a mismatch)."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("K2MLX_STATE_DIR", str(state))
+    env = {k: v for k, v in os.environ.items() if k != "K2MLX_API_KEY"}
+    env["K2MLX_STATE_DIR"] = str(state)
+    port = free_port()
+    up = k2("cluster", "up", "--hosts", HOSTS, "--model", str(tiny_checkpoint), "--port", str(port),
+            "--api-key", "sesame", "--wait", "240", env=env, timeout=300)
+    pids: list[int] = []
+    try:
+        assert up.returncode == 0, up.stderr
+        pids = cluster_pids(port)
+        line = one_error_line(k2("chat", "--hosts", HOSTS, "--port", str(port), env=env, timeout=60))
+        assert "wants an API key" in line and "--api-key" in line
+        line = one_error_line(k2("chat", "--hosts", HOSTS, "--port", str(port), "--parallel", "tensor",
+                                 env={**env, "K2MLX_API_KEY": "sesame"}, timeout=60))
+        assert "runs --parallel pipeline" in line
+    finally:
+        k2("cluster", "down", env=env, timeout=60)
+        kill_groups(pids)
+    assert_all_gone(pids, within=1.0)
 
 
 def test_chat_hosts_on_a_single_process_server_is_a_one_line_error(tiny_checkpoint, tmp_path):
