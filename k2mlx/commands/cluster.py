@@ -4,6 +4,8 @@
 supervisor in the background (`k2mlx serve --hosts ...`, which launches one rank per host),
 waits until the endpoint answers and prints its URL. `status` asks rank 0's health hub for
 every rank's layers, memory and heartbeat; `down` stops the supervisor and every rank.
+`k2mlx chat --hosts` starts and stops a cluster with these same functions (`up_args`, `start`,
+`wait_endpoint`, `stop_started`).
 """
 from __future__ import annotations
 
