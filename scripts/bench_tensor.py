@@ -49,9 +49,9 @@ def mlxlm_rank_main(model_path: str, steps: int, prompt_len: int, out: str, pin:
     import mlx.core as mx
     from mlx_lm.utils import load_model
 
+    if pin:  # before init: the ring's threads start there and keep the affinity they start with
+        os.sched_setaffinity(0, {int(pin.split(",")[int(os.environ["MLX_RANK"])])})
     group = mx.distributed.init(strict=True, backend="ring")
-    if pin:
-        os.sched_setaffinity(0, {int(pin.split(",")[group.rank()])})
     model = load_model(Path(model_path), lazy=True)[0]
     model.shard(group)
     mx.eval(model.parameters())
@@ -75,7 +75,8 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=768, help="hidden size of the built checkpoint")
     ap.add_argument("--steps", type=int, default=48, help="timed decode steps")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration and round (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the four configurations")
     ap.add_argument("--pin", default=None, metavar="CPU0,CPU1",
                     help="one-process runs on CPU0, rank r on CPU r (Linux): one core per 'host'")
     ap.add_argument("--mlxlm-rank", action="store_true", help=argparse.SUPPRESS)
@@ -87,14 +88,24 @@ def main() -> int:
                                      a.layers, a.hidden)
     if a.pin:  # the one-process runs (this process) on the first core
         os.sched_setaffinity(0, {int(a.pin.split(",")[0])})
-    k1 = bp.single(path, 1, a.steps, a.prompt_len, a.repeats)
-    k2 = k2mlx_tensor(path, a.steps, a.prompt_len, a.repeats, a.pin)
-    m1 = bp.mlxlm_single(path, a.steps * a.repeats, a.prompt_len)
-    m2 = bp.run_mlxlm_ranks(__file__, ["--model", path, "--steps", str(a.steps * a.repeats),
-                                       "--prompt-len", str(a.prompt_len)] + (["--pin", a.pin] if a.pin else []))
+    runs: dict[str, list[dict]] = {"k1": [], "k2": [], "m1": [], "m2": []}
+    for _ in range(a.rounds):  # interleaved, so a burst of other load hits every configuration alike
+        runs["k1"].append(bp.single(path, 1, a.steps, a.prompt_len, a.repeats))
+        runs["k2"].append(k2mlx_tensor(path, a.steps, a.prompt_len, a.repeats, a.pin))
+        runs["m1"].append(bp.mlxlm_single(path, a.steps * a.repeats, a.prompt_len))
+        runs["m2"].append(bp.run_mlxlm_ranks(__file__, ["--model", path, "--steps", str(a.steps * a.repeats),
+                                                        "--prompt-len", str(a.prompt_len)]
+                                             + (["--pin", a.pin] if a.pin else [])))
+    # per configuration, the round with the median tok/s
+    k1, k2, m1, m2 = (sorted(runs[k], key=lambda r: r["tok_s_median"])[len(runs[k]) // 2]
+                      for k in ("k1", "k2", "m1", "m2"))
     c0, c1 = tensor_cpu(k2)
     print(f"model: {path}; one stream, greedy decode, {a.steps + 1} timed steps, prompt {a.prompt_len} tokens"
-          + (f", pinned to cores {a.pin}" if a.pin else "") + "; wall clock on this machine")
+          + (f", pinned to cores {a.pin}" if a.pin else "") + f"; wall clock on this machine; median of "
+          f"{a.rounds} interleaved rounds")
+    for k, what in (("k1", "k2mlx one process"), ("k2", "k2mlx two ranks"), ("m1", "mlx-lm one process"),
+                    ("m2", "mlx-lm two ranks")):
+        print(f"  {what}: tok/s per round " + ", ".join(f"{r['tok_s_median']:.1f}" for r in runs[k]))
     print("| | one process tok/s (median step) | two tensor ranks tok/s (median step) | two / one |")
     print("|---|---|---|---|")
     print(f"| k2mlx | {k1['tok_s_median']:.1f} | {k2['tok_s_median']:.1f} | "
