@@ -133,8 +133,35 @@ def use_doorbells(hosts: list[Host], backend: str, parallel: str = "pipeline") -
     return backend == "ring" and len(set(addresses)) < len(addresses)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the OS hands out for outgoing connections and bind(0) (Linux: from /proc;
+    otherwise 32768-65535, which covers Linux's default and macOS's 49152-65535)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 65535
+
+
 def free_port(address: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port on `address` that is free now, for a server that binds it later (a rank's ring
+    port, the health hub). Picked OUTSIDE the ephemeral range: a port from bind(0) can be taken,
+    between the pick and the bind seconds later, as the local end of any outgoing connection
+    (a heartbeat, an HTTP client), which failed ring joins with "Couldn't bind socket (error:
+    98)". Two pickers can still draw the same port; the space (about 12,000 ports) makes that rare."""
+    import random
+
+    lo, hi = _ephemeral_range()
+    pool = range(20000, lo) if lo > 21000 else range(hi + 1, 65536)
+    for port in random.sample(pool, min(64, len(pool))):
+        with socket.socket() as s:
+            try:
+                s.bind((address, port))  # no SO_REUSEADDR: a TIME_WAIT remnant counts as taken
+                return port
+            except OSError:
+                continue
+    with socket.socket() as s:  # a crowded low range: whatever the OS gives
         s.bind((address, 0))
         return s.getsockname()[1]
 

@@ -178,6 +178,7 @@ def _read_fused(f: SafetensorsFile, name: str, prefix: str, which: str, inter: i
 
 # a source tensor's suffix -> the parameter suffix it becomes (compressed-tensors INT4)
 _TARGET_SUFFIX = {"weight_packed": "weight", "weight_scale": "scales"}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")
 
 
@@ -253,20 +254,20 @@ def load_shard(path, rank: int, size: int, group, moe_path: str | None = None):
     # FP8 (`X.weight` e4m3 + `X.weight_scale_inv`): each pair is read and dequantized together
     fp8_scales = {n[: -len(SCALE_SUFFIX)] + ".weight": n for n in canon if n.endswith(SCALE_SUFFIX)}
     block = block_size({"quantization_config": args.quantization_config or {}})  # as the loader's fp8 hook
-    sliced = {}
-    for name, (target, lead) in targets.items():
+    def read(sliced: dict, name: str, target: str, lead: int) -> None:
+        """This rank's part of one checkpoint tensor into `sliced`, read now (evaluated)."""
         if fp8_scales and name.endswith((SCALE_SUFFIX, ".input_scale")):
-            continue  # read with its weight / a static activation scale the loader drops too
+            return  # read with its weight / a static activation scale the loader drops too
         if name in fp8_scales:
             sliced[name] = _read_fp8(file(name), name, file(fp8_scales[name]), fp8_scales[name], block,
                                      cut(target, lead))
             mx.eval(sliced[name])
-            continue
+            return
         f = file(name)
         fused = _FUSED.match(canon[name])
         if fused:
             sliced.update(_read_fused(f, name, fused.group(1), fused.group(2), args.moe_intermediate_size, cut))
-            continue
+            return
         if f.info(name)[0] == "F8_E4M3":
             raise CheckpointError("fp8 codes without their weight_scale_inv", file=str(f.path), tensor=name)
         if name.endswith(".weight_shape"):  # the packed module's logical shape, sliced alike
@@ -276,13 +277,29 @@ def load_shard(path, rank: int, size: int, group, moe_path: str | None = None):
                 axis, lo, hi = c
                 shape[axis] = (hi - lo) * (per_word if axis == 1 else 1)  # packed words -> columns
             sliced[name] = mx.array(shape)
-            continue
+            return
         c = cut(target, lead)
         sliced[name] = f.read(name, *c) if c else f.read(name)
         mx.eval(sliced[name])  # read now, one tensor at a time: nothing full-size is held
+
+    # One layer at a time: its slices are read, turned into parameters by the loader's own
+    # `sanitize` (per-layer: expert stacking, INT4 repacking, FP8) and evaluated before the next
+    # layer is read, so the per-expert slices and their stacked copy coexist for one layer only
+    # (all at once, a rank peaked at 0.84x one process on a 0.8 GB checkpoint).
+    by_layer: dict[int, list[str]] = {}
+    for name in targets:
+        m = _LAYER.match(canon[name])
+        by_layer.setdefault(int(m.group(1)) if m else -1, []).append(name)
+    weights = {}
+    for layer in sorted(by_layer):
+        sliced: dict = {}
+        for name in by_layer[layer]:
+            read(sliced, name, *targets[name])
+        part = sanitize(sliced, args)
+        mx.eval(list(part.values()))
+        weights.update(part)
+        del sliced, part
     del files
-    weights = sanitize(sliced, args)
-    del sliced
     for name, shape in shard.items():
         w = weights.get(name)
         if w is None:
