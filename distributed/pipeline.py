@@ -127,6 +127,16 @@ class Link:
             payload = bytes(self.recv((meta[1],), mx.uint8, src).tolist())
         return meta, payload
 
+    def round_trip(self, op: int, step: int, payload: bytes, what: str) -> bytes:
+        """Rank 0: `payload` once round the ring (each worker answers by passing on its version),
+        and the answer the last rank sends back; a reply to another op or step is a ClusterError."""
+        self.send_meta([op, len(payload), 0, 0, 0, step], payload, self.next)
+        meta, answer = self.recv_meta(self.prev)
+        if meta[0] != op or meta[5] != step:
+            raise ClusterError(f"{what} out of order: got op {meta[0]} step {meta[5]}, expected op {op} "
+                               f"step {step}", host=str(self.spec.host(self.prev)), rank=self.prev)
+        return answer
+
 
 @dataclass
 class PendingStep:
@@ -278,13 +288,7 @@ class PipelineModel:
         for p in list(self._inflight):
             p.result()
         self._step += 1
-        self.link.send_meta([op, len(payload), 0, 0, 0, self._step], payload, self.link.next)
-        meta, answer = self.link.recv_meta(self.link.prev)
-        if meta[0] != op or meta[5] != self._step:
-            raise ClusterError(f"pipeline out of order: got op {meta[0]} step {meta[5]}, expected op {op} "
-                               f"step {self._step}", host=str(self.link.spec.host(self.link.prev)),
-                               rank=self.link.prev)
-        return answer
+        return self.link.round_trip(op, self._step, payload, "pipeline")
 
     def stats(self) -> list[dict]:
         """Every rank's timeline (collected through the pipeline, in rank order)."""

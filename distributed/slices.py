@@ -43,6 +43,9 @@ import mlx.core as mx
 import numpy as np
 
 from k2mlx.errors import CheckpointError
+# the loader's own patterns, on canonical names: a layer's prefix, and transformers-5 fused
+# experts (gate_up_proj [E, 2I, H], gate rows first, and down_proj [E, H, I])
+from k2mlx.loading.sanitize import _FUSED, _LAYER
 
 log = logging.getLogger("k2mlx.distributed.slices")
 
@@ -102,8 +105,6 @@ class SafetensorsFile:
         return arr.view(getattr(mx, mx_dtype)) if mx_dtype else arr
 
 
-# transformers 5: fused experts, gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I]
-_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(gate_up_proj|down_proj)(\.weight)?$")
 _FLOAT = ("F32", "F16", "BF16")
 
 
@@ -178,7 +179,6 @@ def _read_fused(f: SafetensorsFile, name: str, prefix: str, which: str, inter: i
 
 # a source tensor's suffix -> the parameter suffix it becomes (compressed-tensors INT4)
 _TARGET_SUFFIX = {"weight_packed": "weight", "weight_scale": "scales"}
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")
 
 

@@ -234,17 +234,11 @@ class TensorModel:
         """One synchronous trip of `payload` round the ring (the disk prompt cache's lookup:
         each worker answers by passing on its version; disk_pipeline.py)."""
         self._step += 1
-        self.link.send_meta([op, len(payload), 0, 0, 0, self._step, 0, 0], payload, self.link.next)
-        meta, answer = self.link.recv_meta(self.link.prev)
-        if meta[0] != op or meta[5] != self._step:
-            raise ClusterError(f"tensor group out of order: got op {meta[0]} step {meta[5]}, expected op {op} "
-                               f"step {self._step}", rank=self.link.prev)
-        return answer
+        return self.link.round_trip(op, self._step, payload, "tensor group")
 
     def stats(self) -> list[dict]:
         """Every rank's step records, gathered round the ring."""
-        self._send(OP_STATS, 0, 0, None)
-        _, payload = self.link.recv_meta(self.link.prev)
+        payload = self.ask(OP_STATS)
         return [{"rank": 0, "steps": list(self.timeline.steps)}] + json.loads(payload or b"[]")
 
     def close(self) -> None:

@@ -50,10 +50,13 @@ def default_dir() -> Path:
     return Path(base) / "prompt-cache"
 
 
-def model_identity(path: str | os.PathLike | None, args, layer_range, quantization=None, model=None) -> str:
+def model_identity(path: str | os.PathLike | None, args, layer_range, quantization=None, model=None,
+                   tag: str = "") -> str:
     """A hash of everything that changes the cached values: the config, the weight index and
     shard sizes, the quantization, the layers this process owns and (given `model`) the name,
-    shape and dtype of every parameter, which also tells a model quantized on load apart."""
+    shape and dtype of every parameter, which also tells a model quantized on load apart.
+    `tag`, when given, is hashed in too (a tensor-parallel rank's "tensor rank r of N": its
+    blocks are its own, even in a folder its peers share)."""
     h = hashlib.sha256(FORMAT.encode())
     if model is not None:
         from mlx.utils import tree_flatten
@@ -70,6 +73,8 @@ def model_identity(path: str | os.PathLike | None, args, layer_range, quantizati
     h.update(repr(sorted(vars(args).items()) if args is not None else None).encode())
     h.update(json.dumps(quantization, sort_keys=True, default=str).encode())
     h.update(f"layers {layer_range.start}:{layer_range.stop}".encode())
+    if tag:  # only then: an untagged identity stays what it was, so stored blocks keep hitting
+        h.update(f"tag {tag}".encode())
     return h.hexdigest()
 
 
@@ -457,14 +462,11 @@ class DiskPrefixCache:
 
 def open_prompt_cache(model, path, directory=None, max_gb: float = 20.0, block: int = 256, tag: str = ""):
     """The disk cache for a loaded model (None when max_gb <= 0). Raises OSError when the
-    folder cannot be made. `tag` is hashed into the identity (a tensor-parallel rank's "tensor
-    rank r of N": its blocks are its own, even in a folder its peers share)."""
+    folder cannot be made. `tag`: see `model_identity`."""
     if max_gb <= 0:
         return None
     args = model.args
-    ident = model_identity(path, args, model.layer_range, model=model)
-    if tag:
-        ident = hashlib.sha256(f"{ident} {tag}".encode()).hexdigest()
+    ident = model_identity(path, args, model.layer_range, model=model, tag=tag)
     width = int(getattr(args, "kv_lora_rank", 0) + getattr(args, "qk_rope_head_dim", 0)) or 1 << 12
     return DiskPrefixCache(directory or default_dir(), int(max_gb * (1 << 30)), ident, list(model.layer_range),
                            block=block, width=width)
